@@ -1,0 +1,98 @@
+/*
+ * config.h - the daemon's configuration. One table of options (name, type,
+ * default, bounds, reloadable, help) drives parsing of the `key = value`
+ * file, the CLOUDSWEEP_<KEY> environment overrides, validation, `-n`, the
+ * SIGHUP reload and the documented sample file. Secrets come from *_file
+ * options or environment variables, never only from the command line.
+ */
+#ifndef CLOUDSWEEP_CONFIG_H
+#define CLOUDSWEEP_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+enum config_type {
+	CONFIG_STRING, /* free text */
+	CONFIG_PATH,   /* a file or directory path */
+	CONFIG_INT,    /* integer within [min, max] */
+	CONFIG_LEVEL,  /* log level name */
+};
+
+struct config {
+	char *listen_address; /* owned */
+	long long port;
+	long long workers;      /* 0: one per core */
+	char *tls_cert_file;    /* owned */
+	char *tls_key_file;     /* owned */
+	char *db_conninfo;      /* owned; never holds the password */
+	char *db_password_file; /* owned */
+	long long db_pool_size;
+	long long db_query_timeout_ms;
+	char *sql_dir;   /* owned */
+	char *log_level; /* owned */
+	char *log_file;  /* owned; empty: stderr */
+	char *pid_file;  /* owned */
+	long long max_connections_per_worker;
+	long long max_connections_per_ip;
+	long long max_url_bytes;
+	long long max_header_bytes;
+	long long max_headers;
+	long long max_body_bytes;
+	long long handshake_timeout_ms;
+	long long header_timeout_ms;
+	long long body_timeout_ms;
+	long long idle_timeout_ms;
+	long long shutdown_timeout_ms;
+	char *metrics_token_file; /* owned */
+
+	/* Derived by config_finish(); secrets are wiped by config_free(). */
+	char *db_password;   /* owned secret, or NULL */
+	char *metrics_token; /* owned secret, or NULL */
+	int log_level_num;
+};
+
+struct config_option {
+	const char *name;
+	enum config_type type;
+	const char *defval;
+	long long min, max;
+	bool reloadable;
+	size_t offset;
+	const char *help;
+};
+
+/* The option table, terminated by an entry with a NULL name. */
+extern const struct config_option config_options[];
+
+/* A configuration holding every default. */
+struct config *config_new(void);
+/* Free a configuration, wiping its secrets. */
+void config_free(struct config *cfg);
+/* Set one option from text; err names the key on failure. Returns 0 or -1. */
+int config_set(struct config *cfg, const char *name, const char *value, char *err, size_t errlen);
+/* Parse a `key = value` file. Returns 0 or -1 with err naming file, line and key. */
+int config_load_file(struct config *cfg, const char *path, char *err, size_t errlen);
+/* Apply CLOUDSWEEP_<KEY> variables from the environment. Returns 0 or -1. */
+int config_load_env(struct config *cfg, char *err, size_t errlen);
+/* Validate cross-option rules and read secret files. Returns 0 or -1. */
+int config_finish(struct config *cfg, char *err, size_t errlen);
+/* Check what serving needs beyond config_finish (TLS files readable). Returns 0 or -1. */
+int config_check_serving(const struct config *cfg, char *err, size_t errlen);
+/*
+ * Load defaults, then the file (path may be NULL), then the environment,
+ * then the command-line overrides (NULL when absent), then config_finish.
+ * NULL with err set on failure.
+ */
+struct config *config_load_all(const char *path, const char *port, const char *workers, char *err,
+                               size_t errlen);
+/* The libpq conninfo with the password appended (caller frees with cs_free_secret). */
+char *config_db_conninfo(const struct config *cfg);
+/* Copy the reloadable options of src into dst (for SIGHUP). */
+void config_apply_reloadable(struct config *dst, const struct config *src);
+/* Write the documented sample file generated from the table. */
+void config_write_sample(FILE *fp);
+/* Look an option up by name; NULL if unknown. */
+const struct config_option *config_find(const char *name);
+
+#endif

@@ -1,0 +1,169 @@
+/*
+ * http.h - requests, responses, the router and the middleware chain.
+ *
+ * The connection layer (net/) parses a request with llhttp into a struct
+ * http_request and hands it to http_dispatch(). The request then runs the
+ * middleware chain (request id -> database gate -> ... -> route handler);
+ * each stage either answers or calls http_next(). Stages and handlers may
+ * be asynchronous: they return without answering, keep a cancellable handle
+ * to their pending work, and register it with http_set_cancel() so that a
+ * client that goes away cancels it (the cancel callback runs, then the
+ * request is freed; the handler must not touch it afterwards).
+ *
+ * Every answer leaves through http_respond() (or a helper built on it),
+ * which builds the whole response - status line, headers, body - in one
+ * buffer that the connection writes as one TLS record. Errors leave through
+ * http_error(), which writes the API's error shape.
+ *
+ * Per-request scratch memory comes from the request's pool (http_alloc and
+ * friends) and is freed with the request.
+ */
+#ifndef CLOUDSWEEP_HTTP_H
+#define CLOUDSWEEP_HTTP_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cloudsweep/util.h"
+
+struct conn;
+struct router;
+struct http_request;
+
+#define HTTP_MAX_PARAMS     8
+#define HTTP_REQUEST_ID_MAX 64
+
+struct http_header {
+	const char *name;  /* pool-owned, as received */
+	const char *value; /* pool-owned, trimmed */
+};
+
+/* A chunk of the request's scratch pool. */
+struct http_pool_chunk;
+
+typedef void (*http_handler_fn)(struct http_request *req);
+typedef void (*http_cancel_fn)(struct http_request *req, void *arg);
+/* A middleware stage: answer, or call http_next(req) now or later. */
+typedef void (*http_middleware_fn)(struct http_request *req);
+
+enum route_flags {
+	ROUTE_NEEDS_DB = 1 << 0, /* answer 503 while the database is unreachable */
+};
+
+struct route {
+	const char *method;  /* "GET", ... */
+	const char *pattern; /* "/api/v1/scans/{id}" */
+	http_handler_fn handler;
+	unsigned flags;
+	int index; /* metrics index; 0 is reserved for unmatched requests */
+	int nsegs;
+	char **segs; /* owned; "{name}" segments are parameters */
+};
+
+struct http_request {
+	struct conn *conn;           /* borrowed; the connection that owns this request */
+	const struct router *router; /* borrowed; routes and middleware */
+	uint64_t start_us;
+	const char *method;          /* pool-owned */
+	char *target;                /* pool-owned raw request target */
+	char *path;                  /* pool-owned path part of target, not decoded */
+	char *query;                 /* pool-owned query string without '?', or NULL */
+	struct http_header *headers; /* pool-owned array */
+	int nheaders;
+	char *body; /* pool-owned, NUL-terminated; body_len bytes */
+	size_t body_len;
+	char request_id[HTTP_REQUEST_ID_MAX + 1];
+	char client_ip[64];
+	bool keep_alive;
+
+	const struct route *route; /* matched route, or NULL */
+	int nparams;
+	const char *param_names[HTTP_MAX_PARAMS];
+	const char *param_values[HTTP_MAX_PARAMS]; /* pool-owned, percent-decoded */
+
+	int mw_next; /* next middleware stage to run */
+	http_cancel_fn cancel;
+	void *cancel_arg;
+	bool responded;
+	int status;
+
+	/* Extra response headers added by handlers: "Name: value\r\n" lines. */
+	char *resp_headers; /* pool-owned */
+	size_t resp_headers_len;
+
+	struct http_pool_chunk *pool; /* owned chunks */
+};
+
+/* Allocate n bytes from the request's pool (freed with the request). */
+void *http_alloc(struct http_request *req, size_t n);
+/* Copy len bytes plus a NUL into the request's pool. */
+char *http_strndup(struct http_request *req, const char *s, size_t len);
+/* Free the request and its pool (connection layer only). */
+void http_request_free(struct http_request *req);
+/* A fresh request for a connection (connection layer only; conn may be NULL in tests). */
+struct http_request *http_request_new(struct conn *conn, const struct router *router);
+
+/* The value of header name (case-insensitive), or NULL. */
+const char *http_header(const struct http_request *req, const char *name);
+/* The percent-decoded value of route parameter name, or NULL. */
+const char *http_param(const struct http_request *req, const char *name);
+/* The percent-decoded value of query argument name (first one), or NULL. */
+const char *http_query_arg(struct http_request *req, const char *name);
+/* Percent-decode [s, s+len) into the pool ('+' is a space when form is true); NULL if malformed. */
+char *http_pct_decode(struct http_request *req, const char *s, size_t len, bool form);
+
+/* Register what to call if the request is abandoned (client gone, shutdown). */
+void http_set_cancel(struct http_request *req, http_cancel_fn fn, void *arg);
+/* Add a response header; name and value must be sane (no CR/LF). */
+void http_add_header(struct http_request *req, const char *name, const char *value);
+/* Answer with a body of len bytes (content_type may be NULL when len is 0). */
+void http_respond(struct http_request *req, int status, const char *content_type, const char *body,
+                  size_t len);
+/* Answer with a JSON document (steals the reference). */
+void http_respond_json(struct http_request *req, int status, json_t *doc);
+/* Answer with the API error shape {"error":{code,message},"request_id"}. */
+void http_error(struct http_request *req, int status, const char *code, const char *fmt, ...)
+    CS_PRINTF(4, 5);
+/*
+ * Build the wire bytes of a response (status line, headers, body) into one
+ * malloc'd buffer; *lenp receives its length. Used by http_respond.
+ */
+char *http_build_response(struct http_request *req, int status, const char *content_type,
+                          const char *body, size_t len, size_t *lenp);
+/* The standard reason phrase of status. */
+const char *http_reason(int status);
+
+/* Run the next middleware stage, or the route handler after the last. */
+void http_next(struct http_request *req);
+/* Start processing a parsed request (connection layer only). */
+void http_dispatch(struct http_request *req);
+
+/* Create an empty router. */
+struct router *router_new(void);
+/* Free a router and its routes. */
+void router_free(struct router *r);
+/* Add a route; pattern segments "{name}" match one path segment. Returns the route. */
+const struct route *router_add(struct router *r, const char *method, const char *pattern,
+                               http_handler_fn handler, unsigned flags);
+/* Append a middleware stage (runs in the order added, before the handler). */
+void router_use(struct router *r, http_middleware_fn mw);
+/*
+ * Match req->method/req->path: sets req->route and params and returns 0;
+ * returns 404 when no pattern matches, 405 when only the method differs (then
+ * allow receives the allowed methods, comma-separated).
+ */
+int router_match(const struct router *r, struct http_request *req, char *allow, size_t allowlen);
+/* Route names for metrics, index 0 is "unmatched"; *n receives the count. */
+const char *const *router_route_names(const struct router *r, int *n);
+
+/* Middleware: 503 with Retry-After for ROUTE_NEEDS_DB routes while the database is down. */
+void http_mw_db_gate(struct http_request *req);
+/* Parse a request body as a JSON object (depth and size bounded); on failure answers 400 and
+ * returns NULL. */
+json_t *http_json_body(struct http_request *req);
+/* Register the core handlers: /health, /ready, /metrics. */
+void http_core_routes(struct router *r);
+
+#endif
