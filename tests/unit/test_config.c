@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "cloudsweep/config.h"
+#include "cloudsweep/util.h"
 #include "tap.h"
 
 static char *write_tmp(const char *text)
@@ -30,7 +31,7 @@ static char *write_tmp(const char *text)
 int main(void)
 {
 	struct config *cfg = config_new(), *other;
-	char err[256], *path, line[512];
+	char err[256] = "", *path, line[512];
 	FILE *fp;
 	int missing = 0;
 
