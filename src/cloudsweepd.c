@@ -56,13 +56,27 @@ int main(int argc, char **argv)
 
 	while ((ch = getopt_long(argc, argv, "c:ndp:w:h", longopts, NULL)) != -1) {
 		switch (ch) {
-		case 'c': path = optarg; break;
-		case 'n': check = true; break;
-		case 'd': debug = true; break;
-		case 'p': port = optarg; break;
-		case 'w': workers = optarg; break;
-		case 'h': usage(stdout); return 0;
-		default: usage(stderr); return 2;
+		case 'c':
+			path = optarg;
+			break;
+		case 'n':
+			check = true;
+			break;
+		case 'd':
+			debug = true;
+			break;
+		case 'p':
+			port = optarg;
+			break;
+		case 'w':
+			workers = optarg;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
 		}
 	}
 	if (optind < argc)

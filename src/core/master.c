@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -65,6 +66,9 @@ static int master_spawn(struct master *m, int id)
 			if (i != id)
 				close(m->slots[i].listen_fd);
 		close(m->ready_pipe[0]);
+		/* A worker does not outlive its master. */
+		if (prctl(PR_SET_PDEATHSIG, SIGTERM) == -1 || getppid() == 1)
+			_exit(1);
 		signal(SIGCHLD, SIG_DFL);
 		sigprocmask(SIG_SETMASK, &m->old_mask, NULL);
 		rc = worker_run(id, m->cfg, m->config_path, s->listen_fd, m->ctx, m->metrics,
@@ -72,12 +76,21 @@ static int master_spawn(struct master *m, int id)
 		SSL_CTX_free(m->ctx);
 		config_free(m->cfg);
 		free(m->slots);
-		_exit(rc);
+		exit(rc); /* not _exit: sanitizers check for leaks at exit */
 	}
 	s->pid = pid;
 	s->started_ms = cs_now_ms();
 	s->respawn_at_ms = 0;
 	return 0;
+}
+
+static void master_read_ready(struct master *m);
+
+static void master_kill_all(struct master *m, int sig)
+{
+	for (int i = 0; i < m->nslots; i++)
+		if (m->slots[i].pid > 0)
+			kill(m->slots[i].pid, sig);
 }
 
 static void master_reap(struct master *m)
@@ -104,8 +117,10 @@ static void master_reap(struct master *m)
 			else
 				log_warnx("worker_died", "worker %d (pid %d) exited with %d", i,
 				          (int)pid, WEXITSTATUS(status));
-			if (!m->announced && !s->ready)
+			if (!m->announced && !s->ready) {
+				master_kill_all(m, SIGKILL);
 				fatalx("startup_failed", "worker %d failed while starting", i);
+			}
 			__atomic_add_fetch(&m->metrics->worker_restarts, 1, __ATOMIC_RELAXED);
 			s->respawn_at_ms = now - s->started_ms < MASTER_YOUNG_MS
 			                       ? now + MASTER_RESPAWN_DELAY_MS
@@ -237,9 +252,12 @@ int master_run(struct config *cfg, const char *config_path)
 	sigprocmask(SIG_BLOCK, &set, &m.old_mask);
 
 	log_info("starting", "%d workers on %s:%lld", m.nslots, cfg->listen_address, cfg->port);
+	fflush(NULL);
 	for (int i = 0; i < m.nslots; i++)
-		if (master_spawn(&m, i) == -1)
+		if (master_spawn(&m, i) == -1) {
+			master_kill_all(&m, SIGKILL);
 			fatalx("startup_failed", "cannot fork workers");
+		}
 
 	for (;;) {
 		struct timespec ts = { 0, 100 * 1000 * 1000 };
@@ -248,11 +266,19 @@ int master_run(struct config *cfg, const char *config_path)
 		uint64_t now;
 
 		switch (sig) {
-		case SIGCHLD: master_reap(&m); break;
+		case SIGCHLD:
+			master_read_ready(&m); /* a worker may have become ready before dying */
+			master_reap(&m);
+			break;
 		case SIGTERM:
-		case SIGINT: master_stop(&m); break;
-		case SIGHUP: master_reload(&m); break;
-		default: break;
+		case SIGINT:
+			master_stop(&m);
+			break;
+		case SIGHUP:
+			master_reload(&m);
+			break;
+		default:
+			break;
 		}
 		master_read_ready(&m);
 		now = cs_now_ms();

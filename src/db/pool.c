@@ -355,7 +355,8 @@ static void db_query_done(struct db_query *q, enum db_event ev, const PGresult *
 			log_warnx("db_prepare_failed", "statement %s: %s", q->text,
 			          db_trim(buf, sizeof(buf), PQresultErrorMessage(res)));
 		break;
-	case DB_Q_ROLLBACK: break;
+	case DB_Q_ROLLBACK:
+		break;
 	case DB_Q_BEGIN:
 		tx->begin = NULL;
 		if (q->cancelled)
@@ -382,7 +383,9 @@ static void db_query_done(struct db_query *q, enum db_event ev, const PGresult *
 		db_tx_release(tx);
 		break;
 	case DB_Q_SQL:
-	case DB_Q_PREPARED: db_query_invoke(q, ev, res); break;
+	case DB_Q_PREPARED:
+		db_query_invoke(q, ev, res);
+		break;
 	}
 	db_query_free(q);
 }
@@ -613,7 +616,9 @@ static void db_conn_send(struct db_conn *c, struct db_query *q)
 		db_conn_send_prepares(c);
 	if (c->state == DB_CONN_READY) {
 		switch (q->kind) {
-		case DB_Q_PREPARE: r = PQsendPrepare(c->pg, q->text, q->sql, 0, NULL); break;
+		case DB_Q_PREPARE:
+			r = PQsendPrepare(c->pg, q->text, q->sql, 0, NULL);
+			break;
 		case DB_Q_PREPARED:
 			r = PQsendQueryPrepared(c->pg, q->text, q->nparams, params, NULL, NULL, 0);
 			break;
@@ -708,8 +713,12 @@ static void db_conn_complete(struct db_conn *c)
 	switch (PQresultStatus(res)) {
 	case PGRES_TUPLES_OK:
 	case PGRES_COMMAND_OK:
-	case PGRES_EMPTY_QUERY: ev = DB_OK; break;
-	default: ev = DB_ERROR; break;
+	case PGRES_EMPTY_QUERY:
+		ev = DB_OK;
+		break;
+	default:
+		ev = DB_ERROR;
+		break;
 	}
 	if (q->kind == DB_Q_COMMIT || q->kind == DB_Q_ROLLBACK ||
 	    (q->kind == DB_Q_BEGIN && ev != DB_OK && !q->cancelled && c->tx == q->tx))
@@ -898,10 +907,18 @@ static void db_conn_connect_cb(evutil_socket_t fd, short what, void *arg)
 	if (c->state != DB_CONN_CONNECTING)
 		goto out;
 	switch (PQconnectPoll(c->pg)) {
-	case PGRES_POLLING_READING: db_conn_watch(c, EV_READ); break;
-	case PGRES_POLLING_WRITING: db_conn_watch(c, EV_WRITE); break;
-	case PGRES_POLLING_OK: db_conn_up(c); break;
-	default: db_conn_close(c, PQerrorMessage(c->pg)); break;
+	case PGRES_POLLING_READING:
+		db_conn_watch(c, EV_READ);
+		break;
+	case PGRES_POLLING_WRITING:
+		db_conn_watch(c, EV_WRITE);
+		break;
+	case PGRES_POLLING_OK:
+		db_conn_up(c);
+		break;
+	default:
+		db_conn_close(c, PQerrorMessage(c->pg));
+		break;
 	}
 out:
 	db_pool_leave(pool);
@@ -914,10 +931,17 @@ static void db_conn_timer_cb(evutil_socket_t fd, short what, void *arg)
 
 	db_pool_enter(pool);
 	switch (c->state) {
-	case DB_CONN_CONNECTING: db_conn_close(c, "connect timeout"); break;
-	case DB_CONN_FAILING: db_conn_close(c, c->why); break;
-	case DB_CONN_BACKOFF: db_conn_start(c); break;
-	default: break;
+	case DB_CONN_CONNECTING:
+		db_conn_close(c, "connect timeout");
+		break;
+	case DB_CONN_FAILING:
+		db_conn_close(c, c->why);
+		break;
+	case DB_CONN_BACKOFF:
+		db_conn_start(c);
+		break;
+	default:
+		break;
 	}
 	db_pool_leave(pool);
 }
@@ -981,7 +1005,8 @@ static void db_query_timeout_cb(evutil_socket_t fd, short what, void *arg)
 		/* Only a reset gets rid of a running query without a blocking PQcancel. */
 		db_conn_close(q->conn, "query timeout");
 		break;
-	default: break;
+	default:
+		break;
 	}
 	db_pool_leave(pool);
 }
@@ -1227,7 +1252,8 @@ void db_query_cancel(struct db_query *q)
 	case DB_QW_INFLIGHT:
 		/* Its result is still consumed in order; the deadline still bounds it. */
 		break;
-	case DB_QW_NONE: break;
+	case DB_QW_NONE:
+		break;
 	}
 }
 

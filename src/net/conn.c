@@ -57,13 +57,26 @@ static void conn_set_state(struct conn *c, enum conn_state s)
 		return;
 	c->state = s;
 	switch (s) {
-	case CONN_HANDSHAKE: conn_arm_timeout(c, cfg->handshake_timeout_ms); break;
-	case CONN_IDLE: conn_arm_timeout(c, cfg->idle_timeout_ms); break;
-	case CONN_HEAD: conn_arm_timeout(c, cfg->header_timeout_ms); break;
-	case CONN_BODY: conn_arm_timeout(c, cfg->body_timeout_ms); break;
-	case CONN_DISPATCHED: conn_arm_timeout(c, 0); break;
-	case CONN_WRITING: conn_arm_timeout(c, cfg->idle_timeout_ms); break;
-	case CONN_CLOSED: break;
+	case CONN_HANDSHAKE:
+		conn_arm_timeout(c, cfg->handshake_timeout_ms);
+		break;
+	case CONN_IDLE:
+		conn_arm_timeout(c, cfg->idle_timeout_ms);
+		break;
+	case CONN_HEAD:
+		conn_arm_timeout(c, cfg->header_timeout_ms);
+		break;
+	case CONN_BODY:
+		conn_arm_timeout(c, cfg->body_timeout_ms);
+		break;
+	case CONN_DISPATCHED:
+		conn_arm_timeout(c, 0);
+		break;
+	case CONN_WRITING:
+		conn_arm_timeout(c, cfg->idle_timeout_ms);
+		break;
+	case CONN_CLOSED:
+		break;
 	}
 }
 
@@ -163,10 +176,16 @@ static int conn_ssl_want(struct conn *c, int rv, const char **why)
 	int err = SSL_get_error(c->ssl, rv);
 
 	switch (err) {
-	case SSL_ERROR_WANT_READ: return 1;
-	case SSL_ERROR_WANT_WRITE: return 2;
-	case SSL_ERROR_ZERO_RETURN: *why = "client closed"; break;
-	case SSL_ERROR_SYSCALL: *why = errno ? strerror(errno) : "client went away"; break;
+	case SSL_ERROR_WANT_READ:
+		return 1;
+	case SSL_ERROR_WANT_WRITE:
+		return 2;
+	case SSL_ERROR_ZERO_RETURN:
+		*why = "client closed";
+		break;
+	case SSL_ERROR_SYSCALL:
+		*why = errno ? strerror(errno) : "client went away";
+		break;
 	default:
 		*why = "TLS error";
 		log_debug("tls_error", "%s: %s", c->ip_text,
@@ -192,9 +211,14 @@ static int conn_try_write(struct conn *c)
 			continue;
 		}
 		switch (conn_ssl_want(c, rv, &why)) {
-		case 1: return 1; /* the read event will call us again */
-		case 2: event_add(c->ev_w, NULL); return 1;
-		default: conn_close(c, why); return -1;
+		case 1:
+			return 1; /* the read event will call us again */
+		case 2:
+			event_add(c->ev_w, NULL);
+			return 1;
+		default:
+			conn_close(c, why);
+			return -1;
 		}
 	}
 	netbuf_reset(&c->out, 65536);
@@ -227,9 +251,14 @@ static int conn_read_some(struct conn *c)
 			continue;
 		}
 		switch (conn_ssl_want(c, rv, &why)) {
-		case 1: return 0;
-		case 2: event_add(c->ev_w, NULL); return 0;
-		default: conn_close(c, why); return -1;
+		case 1:
+			return 0;
+		case 2:
+			event_add(c->ev_w, NULL);
+			return 0;
+		default:
+			conn_close(c, why);
+			return -1;
 		}
 	}
 }
@@ -307,7 +336,9 @@ static void conn_parse(struct conn *c)
 			conn_set_state(c, CONN_DISPATCHED);
 			http_dispatch(c->req);
 			return;
-		case PARSE_ERROR: conn_fail(c, c->parse.error_status); return;
+		case PARSE_ERROR:
+			conn_fail(c, c->parse.error_status);
+			return;
 		}
 	}
 	if (netbuf_used(&c->in) == 0)
@@ -328,9 +359,14 @@ static void conn_advance(struct conn *c)
 			break; /* fall through to reading below */
 		}
 		switch (conn_ssl_want(c, rv, &why)) {
-		case 1: return;
-		case 2: event_add(c->ev_w, NULL); return;
-		default: conn_close(c, why ? why : "handshake failed"); return;
+		case 1:
+			return;
+		case 2:
+			event_add(c->ev_w, NULL);
+			return;
+		default:
+			conn_close(c, why ? why : "handshake failed");
+			return;
 		}
 	case CONN_WRITING:
 		if (conn_try_write(c) != 0)
@@ -349,8 +385,10 @@ static void conn_advance(struct conn *c)
 		if (c->state != CONN_IDLE && c->state != CONN_HEAD && c->state != CONN_BODY)
 			return;
 		break;
-	case CONN_CLOSED: return;
-	default: break;
+	case CONN_CLOSED:
+		return;
+	default:
+		break;
 	}
 
 	/* IDLE, HEAD, BODY: read and parse; DISPATCHED: buffer the next request. */
@@ -397,11 +435,20 @@ static void conn_timeout_cb(evutil_socket_t fd, short what, void *arg)
 
 	switch (c->state) {
 	case CONN_HEAD:
-	case CONN_BODY: conn_fail(c, 408); break;
-	case CONN_HANDSHAKE: conn_close(c, "handshake timeout"); break;
-	case CONN_IDLE: conn_close(c, "idle timeout"); break;
-	case CONN_WRITING: conn_close(c, "write timeout"); break;
-	default: break;
+	case CONN_BODY:
+		conn_fail(c, 408);
+		break;
+	case CONN_HANDSHAKE:
+		conn_close(c, "handshake timeout");
+		break;
+	case CONN_IDLE:
+		conn_close(c, "idle timeout");
+		break;
+	case CONN_WRITING:
+		conn_close(c, "write timeout");
+		break;
+	default:
+		break;
 	}
 }
 

@@ -35,6 +35,8 @@ void netbuf_reserve(struct netbuf *b, size_t extra)
 
 void netbuf_append(struct netbuf *b, const char *p, size_t n)
 {
+	if (n == 0)
+		return;
 	netbuf_reserve(b, n);
 	memcpy(b->data + b->len, p, n);
 	b->len += n;
@@ -115,6 +117,34 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
 	if (parse_head_bytes(ps, len) != 0)
 		return HPE_USER;
 	netbuf_append(&ps->hval, at, len);
+	return 0;
+}
+
+/* RFC 9110 token characters: what a header name may hold. */
+static bool parse_is_token(const char *s, size_t n)
+{
+	static const char extra[] = "!#$%&'*+-.^_`|~";
+
+	if (n == 0)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)s[i];
+
+		if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+		      (ch >= '0' && ch <= '9') || (ch != '\0' && strchr(extra, ch) != NULL)))
+			return false;
+	}
+	return true;
+}
+
+static int on_header_field_complete(llhttp_t *p)
+{
+	struct http_parse *ps = parse_of(p);
+
+	/* llhttp tolerates spaces in names; RFC 9112 section 5.1 says reject them. */
+	if (!parse_is_token(ps->hname.data ? ps->hname.data + ps->hname.off : "",
+	                    netbuf_used(&ps->hname)))
+		return parse_limit(ps, 400);
 	return 0;
 }
 
@@ -221,6 +251,7 @@ static const llhttp_settings_t parse_settings = {
 	.on_url = on_url,
 	.on_header_field = on_header_field,
 	.on_header_value = on_header_value,
+	.on_header_field_complete = on_header_field_complete,
 	.on_header_value_complete = on_header_value_complete,
 	.on_headers_complete = on_headers_complete,
 	.on_body = on_body,

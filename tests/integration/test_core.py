@@ -459,7 +459,9 @@ def test_connection_closes_after_response_when_asked(shared_server, raw):
 
 
 def test_ready_follows_the_database(server, pg_control):
-    assert server.get("/ready").status == 200
+    # The pool connects in the background; a fresh server may take a moment.
+    wait_until(lambda: server.get("/ready", timeout=5).status == 200, 10, interval=0.1,
+               what="/ready to answer 200 with the DB up")
     pg_control.stop()
 
     def ready_is_503():
