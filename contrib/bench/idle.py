@@ -48,7 +48,7 @@ def main():
         t.sendall(req)
         t.recv(4096)
         conns.append(t)
-    time.sleep(1)
+    time.sleep(3)  # past the server's 2 s idle trim
     after = rss_kib(pids)
     print(f"{n} idle TLS connections: workers RSS {before} KiB -> {after} KiB, "
           f"{(after - before) / n:.1f} KiB per connection")

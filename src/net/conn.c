@@ -34,6 +34,23 @@ static void conn_timeout_cb(evutil_socket_t fd, short what, void *arg);
 static void conn_advance(struct conn *c);
 static void conn_fail(struct conn *c, int status);
 
+/*
+ * A keep-alive connection that has been idle this long gives its buffers back, so ten
+ * thousand parked clients cost little more than their TLS state; busy connections keep
+ * theirs and never pay for allocation.
+ */
+#define CONN_IDLE_TRIM_MS 2000
+
+static void conn_trim(struct conn *c)
+{
+	if (netbuf_used(&c->in) == 0)
+		netbuf_reset(&c->in, 0);
+	if (netbuf_used(&c->out) == 0)
+		netbuf_reset(&c->out, 0);
+	http_parse_trim(&c->parse);
+	c->idle_trimmed = true;
+}
+
 /* Arm the timeout that belongs to state s, or none. */
 static void conn_arm_timeout(struct conn *c, long long ms)
 {
@@ -61,7 +78,12 @@ static void conn_set_state(struct conn *c, enum conn_state s)
 		conn_arm_timeout(c, cfg->handshake_timeout_ms);
 		break;
 	case CONN_IDLE:
-		conn_arm_timeout(c, cfg->idle_timeout_ms);
+		/* Two phases: after CONN_IDLE_TRIM_MS the buffers go, at idle_timeout_ms the conn.
+		 */
+		c->idle_trimmed = false;
+		conn_arm_timeout(c, cfg->idle_timeout_ms > CONN_IDLE_TRIM_MS
+		                        ? CONN_IDLE_TRIM_MS
+		                        : cfg->idle_timeout_ms);
 		break;
 	case CONN_HEAD:
 		conn_arm_timeout(c, cfg->header_timeout_ms);
@@ -252,6 +274,8 @@ static int conn_read_some(struct conn *c)
 		}
 		switch (conn_ssl_want(c, rv, &why)) {
 		case 1:
+			if (c->state == CONN_IDLE && c->idle_trimmed && netbuf_used(&c->in) == 0)
+				netbuf_reset(&c->in, 0); /* a long-idle conn holds no read buffer */
 			return 0;
 		case 2:
 			event_add(c->ev_w, NULL);
@@ -442,6 +466,11 @@ static void conn_timeout_cb(evutil_socket_t fd, short what, void *arg)
 		conn_close(c, "handshake timeout");
 		break;
 	case CONN_IDLE:
+		if (!c->idle_trimmed && c->srv->cfg->idle_timeout_ms > CONN_IDLE_TRIM_MS) {
+			conn_trim(c);
+			conn_arm_timeout(c, c->srv->cfg->idle_timeout_ms - CONN_IDLE_TRIM_MS);
+			break;
+		}
 		conn_close(c, "idle timeout");
 		break;
 	case CONN_WRITING:

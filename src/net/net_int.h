@@ -71,6 +71,8 @@ enum parse_result http_parse_feed(struct http_parse *ps, const char *data, size_
 				  size_t *consumed);
 /* Take ownership of the request being assembled (may be NULL). */
 struct http_request *http_parse_take(struct http_parse *ps);
+/* Between requests: give the assembly buffers back so an idle connection is small. */
+void http_parse_trim(struct http_parse *ps);
 /* Free the parser's buffers and any request it still owns. */
 void http_parse_free(struct http_parse *ps);
 
@@ -91,6 +93,7 @@ struct conn {
 	int resp_status;	  /* status of the response being written */
 	bool close_after_write;
 	bool read_paused; /* input buffer full: read event disabled */
+	bool idle_trimmed; /* idle long enough that the buffers were released */
 	struct ip_slot *ip; /* borrowed; this client's entry in the per-IP table */
 	char ip_text[64];
 	TAILQ_ENTRY(conn) link;

@@ -297,6 +297,16 @@ struct http_request *http_parse_take(struct http_parse *ps)
 	return req;
 }
 
+void http_parse_trim(struct http_parse *ps)
+{
+	if (ps->req != NULL)
+		return; /* mid-message: the buffers are in use */
+	netbuf_free(&ps->url);
+	netbuf_free(&ps->hname);
+	netbuf_free(&ps->hval);
+	netbuf_free(&ps->body);
+}
+
 void http_parse_free(struct http_parse *ps)
 {
 	http_request_free(ps->req);
