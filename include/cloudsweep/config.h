@@ -44,11 +44,30 @@ struct config {
 	long long body_timeout_ms;
 	long long idle_timeout_ms;
 	long long shutdown_timeout_ms;
-	char *metrics_token_file; /* owned */
+	char *metrics_token_file;   /* owned */
+	char *jwt_alg;              /* owned */
+	char *jwt_secret_file;      /* owned */
+	char *jwt_private_key_file; /* owned */
+	char *jwt_public_key_file;  /* owned */
+	char *jwt_issuer;           /* owned */
+	char *jwt_audience;         /* owned */
+	long long access_token_ttl_s;
+	long long refresh_token_ttl_s;
+	long long refresh_grace_s;
+	long long argon2_memory_kib;
+	long long argon2_iterations;
+	long long argon2_parallelism;
+	long long auth_threads;
+	long long lockout_threshold;
+	long long lockout_base_s;
+	char *audit_hmac_key_file;    /* owned */
+	char *audit_signing_key_file; /* owned */
+	long long audit_checkpoint_interval_s;
 
 	/* Derived by config_finish(); secrets are wiped by config_free(). */
 	char *db_password;   /* owned secret, or NULL */
 	char *metrics_token; /* owned secret, or NULL */
+	char *jwt_secret;    /* owned secret, or NULL */
 	int log_level_num;
 };
 

@@ -26,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cloudsweep/db.h"
 #include "cloudsweep/util.h"
 
 struct conn;
@@ -50,6 +51,21 @@ typedef void (*http_middleware_fn)(struct http_request *req);
 
 enum route_flags {
 	ROUTE_NEEDS_DB = 1 << 0, /* answer 503 while the database is unreachable */
+	ROUTE_PUBLIC = 1 << 1,   /* no authentication: the handler decides who may call */
+	ROUTE_SELF = 1 << 2,     /* any authenticated caller, about themselves */
+	ROUTE_NO_CSRF = 1 << 3,  /* cookie requests need no CSRF token (login flows) */
+};
+
+/* Who is calling, as the authentication middleware established it. */
+struct http_auth {
+	bool authenticated;
+	bool via_cookie; /* the access token came from the cs_access cookie */
+	char user_id[37];
+	char org_id[37];
+	char session_id[37];
+	char jti[37];
+	char role[16];
+	long long exp; /* the access token's expiry, seconds since the epoch */
 };
 
 struct route {
@@ -57,7 +73,8 @@ struct route {
 	const char *pattern; /* "/api/v1/scans/{id}" */
 	http_handler_fn handler;
 	unsigned flags;
-	int index; /* metrics index; 0 is reserved for unmatched requests */
+	const char *perm; /* the permission the route needs ("scans:read"), or NULL */
+	int index;        /* metrics index; 0 is reserved for unmatched requests */
 	int nsegs;
 	char **segs; /* owned; "{name}" segments are parameters */
 };
@@ -82,6 +99,8 @@ struct http_request {
 	int nparams;
 	const char *param_names[HTTP_MAX_PARAMS];
 	const char *param_values[HTTP_MAX_PARAMS]; /* pool-owned, percent-decoded */
+
+	struct http_auth auth; /* filled by the authentication middleware */
 
 	int mw_next; /* next middleware stage to run */
 	http_cancel_fn cancel;
@@ -147,6 +166,9 @@ void router_free(struct router *r);
 /* Add a route; pattern segments "{name}" match one path segment. Returns the route. */
 const struct route *router_add(struct router *r, const char *method, const char *pattern,
                                http_handler_fn handler, unsigned flags);
+/* Like router_add, naming the permission the route needs (NULL: see flags). */
+const struct route *router_add_perm(struct router *r, const char *method, const char *pattern,
+                                    http_handler_fn handler, unsigned flags, const char *perm);
 /* Append a middleware stage (runs in the order added, before the handler). */
 void router_use(struct router *r, http_middleware_fn mw);
 /*
@@ -165,5 +187,48 @@ void http_mw_db_gate(struct http_request *req);
 json_t *http_json_body(struct http_request *req);
 /* Register the core handlers: /health, /ready, /metrics. */
 void http_core_routes(struct router *r);
+
+/*
+ * A handler that waits on the database is a small state machine: a struct
+ * that starts with struct http_op, an enum of states in op->state, and one
+ * advance function that every query result, transaction step and audit
+ * write of the op comes back to. The op owns at most one pending query and
+ * one open transaction; if the client goes away both are cancelled (the
+ * transaction rolled back) and advance is never called again.
+ */
+struct http_op;
+typedef void (*http_op_fn)(struct http_op *op, enum db_event ev, const PGresult *res);
+
+struct http_op {
+	struct http_request *req;              /* borrowed; the request this op answers */
+	struct db_query *q;                    /* pending query, or NULL */
+	struct db_tx *tx;                      /* open transaction, or NULL */
+	struct http_op_commit *committing;     /* owned by the pool callback while COMMIT runs */
+	int state;                             /* the handler's own enum */
+	http_op_fn advance;                    /* called with every result */
+	void (*on_cancel)(struct http_op *op); /* cancels the handler's own pending work */
+};
+
+/* Allocate an op of size bytes (>= sizeof(struct http_op)) from req's pool. */
+void *http_op_new(struct http_request *req, size_t size, http_op_fn advance);
+/* Run a parameterized query (inside the op's transaction when one is open); -1 answers 503. */
+int http_op_query(struct http_op *op, const char *sql, int n, const char *const *params);
+/* Like http_op_query for a statement registered with db_pool_prepare. */
+int http_op_prepared(struct http_op *op, const char *name, int n, const char *const *params);
+/* BEGIN; advance gets DB_OK with res NULL when the transaction is open. -1 answers 503. */
+int http_op_begin(struct http_op *op);
+/* COMMIT; advance gets DB_OK when committed (op->tx is NULL again). */
+void http_op_commit(struct http_op *op);
+/* Roll back the open transaction, if any. */
+void http_op_rollback(struct http_op *op);
+/* Hand the op's pending-query slot a query started elsewhere (e.g. audit_write). */
+void http_op_track(struct http_op *op, struct db_query *q);
+/* The callback to pass to such a query, with op as its argument. */
+void http_op_db_cb(void *arg, enum db_event ev, const PGresult *res);
+/* Roll back and answer the error shape; the usual way a failing op ends. */
+void http_op_fail(struct http_op *op, int status, const char *code, const char *fmt, ...)
+    CS_PRINTF(4, 5);
+/* Answer a database failure: 503 when unavailable or timed out, 500 otherwise. */
+void http_op_db_fail(struct http_op *op, enum db_event ev, const PGresult *res);
 
 #endif

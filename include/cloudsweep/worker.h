@@ -27,6 +27,8 @@ struct worker {
 	struct event *ev_term, *ev_hup, *ev_int; /* owned */
 	struct event *ev_tick;                   /* owned; refreshes gauges */
 	struct event *ev_deadline;               /* owned; shutdown bound */
+	struct event *ev_checkpoint;             /* owned; signs audit chain heads */
+	struct audit_sign *checkpoint;           /* pending signing run, or NULL */
 	bool draining;
 };
 

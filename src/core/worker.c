@@ -9,8 +9,11 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "cloudsweep/audit.h"
+#include "cloudsweep/auth.h"
 #include "cloudsweep/db.h"
 #include "cloudsweep/http.h"
 #include "cloudsweep/log.h"
@@ -84,6 +87,26 @@ static void worker_tick_cb(evutil_socket_t fd, short what, void *arg)
 	metrics_gauge_set(&w->slot->db_connected, st.connected);
 }
 
+static void worker_checkpoint_done_cb(void *arg, int status, int nsigned)
+{
+	struct worker *w = arg;
+
+	w->checkpoint = NULL;
+	if (status != 0)
+		log_warnx("audit_checkpoint", "signing the audit chain heads failed");
+	else if (nsigned > 0)
+		log_info("audit_checkpoint", "signed %d chain heads", nsigned);
+}
+
+/* Sign the audit chain heads that advanced; concurrent workers store each checkpoint once. */
+static void worker_checkpoint_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct worker *w = arg;
+
+	if (w->checkpoint == NULL)
+		w->checkpoint = audit_checkpoint_sign(w->db, worker_checkpoint_done_cb, w);
+}
+
 int worker_run(int id, struct config *cfg, const char *config_path, int listen_fd, SSL_CTX *ctx,
                struct metrics_shared *metrics, int ready_fd)
 {
@@ -115,6 +138,24 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 	w->router = router_new();
 	router_use(w->router, http_mw_db_gate);
 	http_core_routes(w->router);
+	if (w->db != NULL) {
+		if (audit_init(*cfg->audit_hmac_key_file != '\0' ? cfg->audit_hmac_key_file : NULL,
+		               *cfg->audit_signing_key_file != '\0' ? cfg->audit_signing_key_file
+		                                                    : NULL) == -1)
+			fatalx("audit_init", "cannot load the audit keys (audit_hmac_key_file)");
+		if (auth_worker_init(w->base, cfg, w->db) == -1)
+			fatalx("auth_init", "cannot start authentication");
+		router_use(w->router, auth_mw_authenticate);
+		auth_routes(w->router);
+		w->ev_checkpoint = event_new(w->base, -1, EV_PERSIST, worker_checkpoint_cb, w);
+		if (w->ev_checkpoint == NULL)
+			fatalx("worker_events", "cannot create the checkpoint timer");
+		if (audit_key_id() != NULL) {
+			struct timeval ck = { (time_t)cfg->audit_checkpoint_interval_s, 0 };
+
+			event_add(w->ev_checkpoint, &ck);
+		}
+	}
 	w->server = server_new(w->base, listen_fd, ctx, cfg, w->router);
 
 	w->ev_term = evsignal_new(w->base, SIGTERM, worker_term_cb, w);
@@ -137,8 +178,15 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 		log_warnx("event_loop", "the reactor failed");
 
 	server_free(w->server);
-	if (w->db != NULL)
+	if (w->checkpoint != NULL)
+		audit_sign_cancel(w->checkpoint);
+	if (w->db != NULL) {
+		auth_worker_free();
+		audit_shutdown();
 		db_pool_free(w->db);
+	}
+	if (w->ev_checkpoint != NULL)
+		event_free(w->ev_checkpoint);
 	/* Run the deferred frees the teardown scheduled. */
 	event_base_loop(w->base, EVLOOP_NONBLOCK);
 	router_free(w->router);

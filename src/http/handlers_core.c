@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cloudsweep/auth.h"
 #include "cloudsweep/db.h"
 #include "cloudsweep/http.h"
 #include "cloudsweep/log.h"
@@ -33,7 +34,11 @@ static void ready_db_cb(void *arg, enum db_event ev, const PGresult *res)
 
 	st->q = NULL;
 	http_set_cancel(req, NULL, NULL);
-	if (ev == DB_OK) {
+	if (ev == DB_OK && !auth_revoke_fresh()) {
+		/* Authenticated requests would be refused until the revocation mirror is current.
+		 */
+		http_error(req, 503, "unavailable", "token revocations are not loaded yet");
+	} else if (ev == DB_OK) {
 		static const char body[] = "{\"status\":\"ready\"}";
 
 		http_respond(req, 200, "application/json", body, sizeof(body) - 1);

@@ -73,15 +73,26 @@ void router_free(struct router *r)
 const struct route *router_add(struct router *r, const char *method, const char *pattern,
                                http_handler_fn handler, unsigned flags)
 {
+	return router_add_perm(r, method, pattern, handler, flags, NULL);
+}
+
+const struct route *router_add_perm(struct router *r, const char *method, const char *pattern,
+                                    http_handler_fn handler, unsigned flags, const char *perm)
+{
 	struct route *rt;
 
 	if (r->nroutes + 1 >= METRICS_MAX_ROUTES)
 		fatalx("router", "too many routes");
+	/* An API route without a stated guard is a bug: refuse to start with it. */
+	if (strncmp(pattern, "/api/", 5) == 0 && perm == NULL &&
+	    !(flags & (ROUTE_PUBLIC | ROUTE_SELF)))
+		fatalx("router", "%s %s names no permission", method, pattern);
 	rt = xcalloc(1, sizeof(*rt));
 	rt->method = xstrdup(method);
 	rt->pattern = xstrdup(pattern);
 	rt->handler = handler;
 	rt->flags = flags;
+	rt->perm = perm;
 	rt->nsegs = router_split(pattern, &rt->segs);
 	r->routes[r->nroutes++] = rt;
 	rt->index = r->nroutes;

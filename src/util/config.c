@@ -81,6 +81,43 @@ const struct config_option config_options[] = {
 	OPT(metrics_token_file, CONFIG_PATH, "", 0, 0, true,
 	    "File holding a bearer token that grants /metrics from non-loopback clients "
 	    "(optional)."),
+	OPT(jwt_alg, CONFIG_STRING, "HS256", 0, 0, false,
+	    "Access-token signature algorithm: HS256 (shared secret), RS256 or ES256 (key pair)."),
+	OPT(jwt_secret_file, CONFIG_PATH, "", 0, 0, false,
+	    "File holding the HS256 secret (at least 32 bytes); or CLOUDSWEEP_JWT_SECRET."),
+	OPT(jwt_private_key_file, CONFIG_PATH, "", 0, 0, false,
+	    "PEM private key that signs access tokens for RS256/ES256."),
+	OPT(jwt_public_key_file, CONFIG_PATH, "", 0, 0, false,
+	    "PEM public key that verifies access tokens for RS256/ES256."),
+	OPT(jwt_issuer, CONFIG_STRING, "cloudsweep", 0, 0, false,
+	    "The iss claim of issued access tokens; other issuers are refused."),
+	OPT(jwt_audience, CONFIG_STRING, "cloudsweep-api", 0, 0, false,
+	    "The aud claim of issued access tokens; other audiences are refused."),
+	OPT(access_token_ttl_s, CONFIG_INT, "3600", 60, 86400, false,
+	    "Lifetime of an access token, seconds."),
+	OPT(refresh_token_ttl_s, CONFIG_INT, "2592000", 300, 31536000, false,
+	    "Lifetime of a login session and its refresh tokens, seconds."),
+	OPT(refresh_grace_s, CONFIG_INT, "10", 0, 300, true,
+	    "A spent refresh token presented again within this many seconds returns the same "
+	    "successor instead of counting as reuse (two tabs refreshing at once)."),
+	OPT(argon2_memory_kib, CONFIG_INT, "19456", 1024, 4194304, true,
+	    "argon2id memory cost, KiB; stored hashes with other parameters are re-hashed at "
+	    "login."),
+	OPT(argon2_iterations, CONFIG_INT, "2", 1, 100, true, "argon2id time cost."),
+	OPT(argon2_parallelism, CONFIG_INT, "1", 1, 16, true, "argon2id lanes."),
+	OPT(auth_threads, CONFIG_INT, "2", 1, 64, false,
+	    "Threads per worker that hash passwords off the event loop."),
+	OPT(lockout_threshold, CONFIG_INT, "5", 1, 1000, true,
+	    "Failed passwords (or second factors, counted separately) before an account locks."),
+	OPT(lockout_base_s, CONFIG_INT, "30", 1, 86400, true,
+	    "First lockout length, seconds; it doubles with every further failure (max 1 hour)."),
+	OPT(audit_hmac_key_file, CONFIG_PATH, "", 0, 0, false,
+	    "File holding the audit HMAC key (32+ bytes, raw or base64) under which sensitive "
+	    "values are made matchable in audit details. Required with a database."),
+	OPT(audit_signing_key_file, CONFIG_PATH, "", 0, 0, false,
+	    "Ed25519 private key (PEM) that signs audit chain checkpoints; empty: no signing."),
+	OPT(audit_checkpoint_interval_s, CONFIG_INT, "300", 1, 86400, false,
+	    "How often each worker signs the audit chain heads that advanced, seconds."),
 	{ NULL, 0, NULL, 0, 0, false, 0, NULL },
 };
 
@@ -160,6 +197,7 @@ void config_free(struct config *cfg)
 			free(*(char **)(void *)((char *)cfg + o->offset));
 	cs_free_secret(cfg->db_password);
 	cs_free_secret(cfg->metrics_token);
+	cs_free_secret(cfg->jwt_secret);
 	free(cfg);
 }
 
@@ -310,6 +348,26 @@ int config_finish(struct config *cfg, char *err, size_t errlen)
 	if (config_read_secret(cfg->metrics_token_file, "CLOUDSWEEP_METRICS_TOKEN",
 	                       &cfg->metrics_token, err, errlen) == -1)
 		return -1;
+	if (config_read_secret(cfg->jwt_secret_file, "CLOUDSWEEP_JWT_SECRET", &cfg->jwt_secret, err,
+	                       errlen) == -1)
+		return -1;
+	if (strcmp(cfg->jwt_alg, "HS256") != 0 && strcmp(cfg->jwt_alg, "RS256") != 0 &&
+	    strcmp(cfg->jwt_alg, "ES256") != 0) {
+		config_err(err, errlen, "jwt_alg: must be HS256, RS256 or ES256");
+		return -1;
+	}
+	if (strcmp(cfg->jwt_alg, "HS256") == 0 && cfg->jwt_secret != NULL &&
+	    strlen(cfg->jwt_secret) < 32) {
+		config_err(err, errlen, "jwt secret: at least 32 bytes are required");
+		return -1;
+	}
+	if (strcmp(cfg->jwt_alg, "HS256") != 0 &&
+	    (*cfg->jwt_private_key_file == '\0' || *cfg->jwt_public_key_file == '\0')) {
+		config_err(err, errlen,
+		           "jwt_alg %s needs jwt_private_key_file and jwt_public_key_file",
+		           cfg->jwt_alg);
+		return -1;
+	}
 	cfg->log_level_num = log_level_parse(cfg->log_level);
 	return 0;
 }

@@ -11,6 +11,7 @@ Only the standard library and pytest are used.
 
 import http.client
 import json
+import base64
 import os
 import pwd
 import re
@@ -424,6 +425,7 @@ class Server:
         self.proc = None
         self.seen_workers = set()
         self.options = dict(BASE_OPTIONS)
+        self.options.update(SECRET_OPTIONS)
         self.options.update(
             {
                 "port": self.port,
@@ -661,8 +663,33 @@ def tls_files(workdir):
     return str(cert), str(key)
 
 
+SECRET_OPTIONS = {}
+
+
 @pytest.fixture(scope="session")
-def pg(workdir, tls_files):
+def secret_files(workdir):
+    """The daemon's secrets as files, like an operator keeps them: JWT secret, audit HMAC
+    key and the Ed25519 key that signs audit checkpoints."""
+    d = workdir / "secrets"
+    d.mkdir(mode=0o700)
+    for name in ("jwt_secret", "audit_hmac_key"):
+        f = d / name
+        f.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+        f.chmod(0o600)
+    sign = d / "audit_signing_key.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(sign)],
+                   check=True, capture_output=True)
+    sign.chmod(0o600)
+    SECRET_OPTIONS.update({
+        "jwt_secret_file": d / "jwt_secret",
+        "audit_hmac_key_file": d / "audit_hmac_key",
+        "audit_signing_key_file": sign,
+    })
+    return dict(SECRET_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def pg(workdir, tls_files, secret_files):
     """The session's PostgreSQL, migrated. Tests that stop it must use `pg_control`."""
     p = Postgres(workdir / "pg")
     p.init()

@@ -106,6 +106,8 @@ def test_health(shared_server):
 
 
 def test_ready_when_database_is_up(shared_server):
+    # Ready once the pool is connected and the revocation mirror loaded (a moment after start).
+    wait_until(lambda: shared_server.get("/ready").status == 200, 10, what="ready")
     r = shared_server.get("/ready")
     assert r.status == 200, r
     assert r.header("Content-Type", "").startswith("application/json")

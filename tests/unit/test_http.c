@@ -38,9 +38,9 @@ int main(void)
 	int names;
 
 	router_add(r, "GET", "/health", h_ok, 0);
-	router_add(r, "GET", "/api/v1/scans/{id}", h_ok, 0);
-	router_add(r, "DELETE", "/api/v1/scans/{id}", h_ok, 0);
-	router_add(r, "POST", "/api/v1/org/members/{user_id}/role", h_ok, 0);
+	router_add_perm(r, "GET", "/api/v1/scans/{id}", h_ok, 0, "scans:read");
+	router_add_perm(r, "DELETE", "/api/v1/scans/{id}", h_ok, 0, "scans:create");
+	router_add_perm(r, "POST", "/api/v1/org/members/{user_id}/role", h_ok, 0, "members:manage");
 
 	req = mkreq(r, "GET", "/api/v1/scans/abc%2Fdef");
 	is_int(router_match(r, req, allow, sizeof(allow)), 0, "parameter route matches");

@@ -1,0 +1,57 @@
+/*
+ * auth_int.h - what the files of auth/ share and nobody else needs: the
+ * worker's auth resources and the small helpers every identity handler uses.
+ */
+#ifndef CLOUDSWEEP_AUTH_INT_H
+#define CLOUDSWEEP_AUTH_INT_H
+
+#include <jansson.h>
+
+#include "cloudsweep/audit.h"
+#include "cloudsweep/auth.h"
+#include "cloudsweep/authcrypto.h"
+#include "cloudsweep/threadpool.h"
+
+#define AUTH_REFRESH_TEXT 48 /* base64url of 32 bytes (43) and a NUL, rounded */
+
+struct auth_globals {
+	const struct config *cfg;          /* borrowed; the worker's configuration */
+	struct threadpool *tp;             /* owned; argon2id off the reactor */
+	struct password_params pp;         /* hashing parameters from cfg */
+	unsigned char refresh_key[32];     /* derives refresh-token successors; wiped at exit */
+};
+
+extern struct auth_globals auth_g;
+
+/* base64url without padding of len bytes into out (4*ceil(len/3)+1 bytes). */
+void auth_b64url(char *out, const unsigned char *in, size_t len);
+/* Hex SHA-256 of a token, for lookups by hash. */
+void auth_token_hash_hex(char out[65], const char *tok);
+/* A fresh random refresh token. */
+void auth_refresh_new(char out[AUTH_REFRESH_TEXT]);
+/* The successor of refresh token tok (keyed PRF, deterministic); 0 or -1. */
+int auth_refresh_successor(const char *tok, char out[AUTH_REFRESH_TEXT]) CS_WUR;
+/* Fill ev with the request's context. */
+void auth_audit_fill(struct audit_event *ev, struct http_request *req, const char *org,
+                     const char *actor, const char *type);
+/* Append an event in a transaction of its own, logging (not failing) on error. */
+void auth_audit_standalone(struct http_request *req, const char *org, const char *actor,
+                           const char *type, const char *resource_id, json_t *details);
+/* Append ev in op's transaction; advance gets the result. -1 has answered already. */
+int auth_op_audit(struct http_op *op, const struct audit_event *ev);
+/* A bounded string field of a JSON body; NULL when missing/invalid (400 answered if so). */
+const char *auth_body_str(struct http_request *req, json_t *body, const char *name,
+                          size_t maxlen, bool required);
+/* Lower-case and trim an email; -1 when it does not look like one. */
+int auth_email_normalize(const char *in, char *out, size_t outlen) CS_WUR;
+/* Expire the auth cookies in the response. */
+void auth_clear_cookies(struct http_request *req);
+/* Issue an access token and answer {access_token, refresh_token, ...} with cookies. */
+void auth_respond_tokens(struct http_request *req, int status, const char *user, const char *org,
+                         const char *role, const char *sid, const char *refresh);
+
+/* Route registration of each file. */
+void auth_session_routes(struct router *r);
+void auth_me_routes(struct router *r);
+
+#endif
