@@ -91,6 +91,9 @@ void auth_revoke_note(const char *kind, const char *id, long long expires_at);
  */
 void auth_mw_authenticate(struct http_request *req);
 
+/* Middleware: charge the request to the shared token buckets; 429 with Retry-After when spent. */
+void auth_mw_ratelimit(struct http_request *req);
+
 /* Register the identity routes (signup, login, refresh, logout, me, sessions, members). */
 void auth_routes(struct router *r);
 

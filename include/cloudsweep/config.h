@@ -60,6 +60,12 @@ struct config {
 	long long auth_threads;
 	long long lockout_threshold;
 	long long lockout_base_s;
+	long long ratelimit_anon_per_min;
+	long long ratelimit_user_per_min;
+	long long ratelimit_global_per_min;
+	long long login_block_threshold;
+	long long login_block_window_s;
+	long long login_block_duration_s;
 	char *audit_hmac_key_file;    /* owned */
 	char *audit_signing_key_file; /* owned */
 	long long audit_checkpoint_interval_s;

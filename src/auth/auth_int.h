@@ -19,6 +19,7 @@ struct auth_globals {
 	struct threadpool *tp;             /* owned; argon2id off the reactor */
 	struct password_params pp;         /* hashing parameters from cfg */
 	unsigned char refresh_key[32];     /* derives refresh-token successors; wiped at exit */
+	struct ratelimit *rl;              /* owned; shared token buckets and login blocks */
 };
 
 extern struct auth_globals auth_g;
@@ -49,6 +50,11 @@ void auth_clear_cookies(struct http_request *req);
 /* Issue an access token and answer {access_token, refresh_token, ...} with cookies. */
 void auth_respond_tokens(struct http_request *req, int status, const char *user, const char *org,
                          const char *role, const char *sid, const char *refresh);
+
+/* Run proceed(req) unless the client address is blocked from logging in (429). */
+void auth_login_gate(struct http_request *req, void (*proceed)(struct http_request *req));
+/* Count a failed login against the client address (may block it). */
+void auth_login_failed_note(struct http_request *req);
 
 /* Route registration of each file. */
 void auth_session_routes(struct router *r);

@@ -14,6 +14,7 @@
 
 #include "cloudsweep/audit.h"
 #include "cloudsweep/log.h"
+#include "cloudsweep/ratelimit.h"
 #include "cloudsweep/worker.h"
 #include "auth_int.h"
 
@@ -248,6 +249,22 @@ int auth_worker_init(struct event_base *base, const struct config *cfg, struct d
 	auth_g.tp = threadpool_new(base, (int)cfg->auth_threads, 256);
 	if (auth_g.tp == NULL)
 		return -1;
+	{
+		struct ratelimit_config rc;
+
+		ratelimit_config_defaults(&rc);
+		rc.anon_rate_per_min = (double)cfg->ratelimit_anon_per_min;
+		rc.user_rate_per_min = (double)cfg->ratelimit_user_per_min;
+		rc.global_rate_per_min = (double)cfg->ratelimit_global_per_min;
+		rc.block_threshold = (int)cfg->login_block_threshold;
+		rc.block_window_s = (int)cfg->login_block_window_s;
+		rc.block_duration_s = (int)cfg->login_block_duration_s;
+		auth_g.rl = ratelimit_new(pool, &rc);
+		if (auth_g.rl == NULL) {
+			log_warnx("auth_init", "cannot start the rate limiter");
+			return -1;
+		}
+	}
 	auth_revoke_start(base, pool);
 	return 0;
 }
@@ -255,6 +272,8 @@ int auth_worker_init(struct event_base *base, const struct config *cfg, struct d
 void auth_worker_free(void)
 {
 	auth_revoke_stop();
+	ratelimit_free(auth_g.rl);
+	auth_g.rl = NULL;
 	threadpool_free(auth_g.tp);
 	auth_g.tp = NULL;
 	cs_wipe(auth_g.refresh_key, sizeof(auth_g.refresh_key));

@@ -627,6 +627,7 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 		return;
 	case LOGIN_FAIL_COMMIT:
 		http_set_cancel(op->req, NULL, NULL);
+		auth_login_failed_note(op->req);
 		http_error(op->req, 401, "invalid_credentials", "wrong email or password");
 		return;
 	default:
@@ -635,7 +636,7 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 	}
 }
 
-static void auth_login(struct http_request *req)
+static void auth_login_checked(struct http_request *req)
 {
 	json_t *body = http_json_body(req);
 	const char *email, *pw;
@@ -669,6 +670,11 @@ out:
 		cs_wipe((char *)json_string_value(json_object_get(body, "password")),
 		        json_string_length(json_object_get(body, "password")));
 	json_decref(body);
+}
+
+static void auth_login(struct http_request *req)
+{
+	auth_login_gate(req, auth_login_checked);
 }
 
 /* ---- POST /api/v1/auth/refresh ---- */

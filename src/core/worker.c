@@ -146,6 +146,7 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 		if (auth_worker_init(w->base, cfg, w->db) == -1)
 			fatalx("auth_init", "cannot start authentication");
 		router_use(w->router, auth_mw_authenticate);
+		router_use(w->router, auth_mw_ratelimit);
 		auth_routes(w->router);
 		w->ev_checkpoint = event_new(w->base, -1, EV_PERSIST, worker_checkpoint_cb, w);
 		if (w->ev_checkpoint == NULL)

@@ -59,6 +59,11 @@ BASE_OPTIONS = {
     "body_timeout_ms": 2000,
     "idle_timeout_ms": 5000,
     "shutdown_timeout_ms": 5000,
+    # Tests send many anonymous requests from one address; test_limits.py sets real limits.
+    "ratelimit_anon_per_min": 1000000,
+    "ratelimit_user_per_min": 1000000,
+    "ratelimit_global_per_min": 10000000,
+    "login_block_threshold": 1000,
 }
 
 SECURITY_HEADERS = {
