@@ -39,8 +39,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		config_set(cfg, "max_headers", "20", err, sizeof(err));
 		config_set(cfg, "max_body_bytes", "4096", err, sizeof(err));
 		router = router_new();
-		router_add(router, "GET", "/api/v1/scans/{id}", fuzz_handler, 0);
-		router_add(router, "POST", "/api/v1/scans", fuzz_handler, 0);
+		router_add_perm(router, "GET", "/api/v1/scans/{id}", fuzz_handler, 0, "scans:read");
+		router_add_perm(router, "POST", "/api/v1/scans", fuzz_handler, 0, "scans:create");
 		http_core_routes(router);
 	}
 	if (size == 0)
