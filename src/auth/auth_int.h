@@ -15,11 +15,11 @@
 #define AUTH_REFRESH_TEXT 48 /* base64url of 32 bytes (43) and a NUL, rounded */
 
 struct auth_globals {
-	const struct config *cfg;          /* borrowed; the worker's configuration */
-	struct threadpool *tp;             /* owned; argon2id off the reactor */
-	struct password_params pp;         /* hashing parameters from cfg */
-	unsigned char refresh_key[32];     /* derives refresh-token successors; wiped at exit */
-	struct ratelimit *rl;              /* owned; shared token buckets and login blocks */
+	const struct config *cfg;      /* borrowed; the worker's configuration */
+	struct threadpool *tp;         /* owned; argon2id off the reactor */
+	struct password_params pp;     /* hashing parameters from cfg */
+	unsigned char refresh_key[32]; /* derives refresh-token successors; wiped at exit */
+	struct ratelimit *rl;          /* owned; shared token buckets and login blocks */
 };
 
 extern struct auth_globals auth_g;
@@ -40,9 +40,14 @@ void auth_audit_standalone(struct http_request *req, const char *org, const char
                            const char *type, const char *resource_id, json_t *details);
 /* Append ev in op's transaction; advance gets the result. -1 has answered already. */
 int auth_op_audit(struct http_op *op, const struct audit_event *ev);
+/* Set details[key] to the audit HMAC of value and append ev with them (details stolen). */
+int auth_op_audit_hmac(struct http_op *op, struct audit_event *ev, json_t *details, const char *key,
+                       const char *value);
 /* A bounded string field of a JSON body; NULL when missing/invalid (400 answered if so). */
-const char *auth_body_str(struct http_request *req, json_t *body, const char *name,
-                          size_t maxlen, bool required);
+const char *auth_body_str(struct http_request *req, json_t *body, const char *name, size_t maxlen,
+                          bool required);
+/* Free a request body, wiping its "password" field first. */
+void auth_body_free(json_t *body);
 /* Lower-case and trim an email; -1 when it does not look like one. */
 int auth_email_normalize(const char *in, char *out, size_t outlen) CS_WUR;
 /* Expire the auth cookies in the response. */

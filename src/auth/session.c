@@ -125,6 +125,21 @@ void auth_audit_standalone(struct http_request *req, const char *org, const char
 		log_warnx("audit_write_failed", "standalone audit event %s refused", type);
 }
 
+int auth_op_audit_hmac(struct http_op *op, struct audit_event *ev, json_t *details, const char *key,
+                       const char *value)
+{
+	int rc = -1;
+
+	if (details == NULL || audit_details_set_hmac(details, key, value) == -1) {
+		http_op_fail(op, 500, "internal", "the audit trail is not ready");
+	} else {
+		ev->details = details;
+		rc = auth_op_audit(op, ev);
+	}
+	json_decref(details);
+	return rc;
+}
+
 int auth_op_audit(struct http_op *op, const struct audit_event *ev)
 {
 	struct db_query *q = audit_write(op->tx, ev, http_op_db_cb, op);
@@ -155,6 +170,16 @@ const char *auth_body_str(struct http_request *req, json_t *body, const char *na
 		return NULL;
 	}
 	return json_string_value(v);
+}
+
+void auth_body_free(json_t *body)
+{
+	json_t *pw = json_object_get(body, "password");
+
+	/* The body held a password: wipe jansson's copy before it is freed. */
+	if (json_is_string(pw))
+		cs_wipe((char *)json_string_value(pw), json_string_length(pw));
+	json_decref(body);
 }
 
 /* Normalize an email into out (lower-cased, trimmed); -1 when it does not look like one. */
@@ -326,14 +351,7 @@ static void signup_advance(struct http_op *op, enum db_event ev, const PGresult 
 		auth_audit_fill(&aev, op->req, s->org_id, s->user_id, "auth.signup");
 		aev.resource_id = s->user_id;
 		details = json_pack("{s:s}", "org_name", s->org_name);
-		if (audit_details_set_hmac(details, "email", s->email) == -1) {
-			json_decref(details);
-			http_op_fail(op, 500, "internal", "the audit trail is not ready");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		auth_op_audit_hmac(op, &aev, details, "email", s->email);
 		return;
 	case SIGNUP_AUDIT:
 		op->state = SIGNUP_COMMIT;
@@ -398,7 +416,7 @@ static void auth_signup(struct http_request *req)
 		goto out;
 	}
 out:
-	json_decref(body);
+	auth_body_free(body);
 }
 
 /* ---- POST /api/v1/auth/login ---- */
@@ -423,7 +441,7 @@ struct login_op {
 	char email[256];
 	char *pw; /* malloc'd copy, wiped when the op ends */
 	size_t pwlen;
-	bool found, locked, mfa_enabled, has_code;
+	bool found, locked, mfa_enabled;
 	const char *why; /* static: why the login failed, for the audit row */
 	char user_id[37], org_id[37], role[16], session_id[37];
 	char *phc, *new_phc; /* pool-owned */
@@ -567,14 +585,7 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 		aev.resource_id = l->user_id;
 		details =
 		    json_pack("{s:s, s:s}", "method", "password", "session_id", l->session_id);
-		if (audit_details_set_hmac(details, "email", l->email) == -1) {
-			json_decref(details);
-			http_op_fail(op, 500, "internal", "the audit trail is not ready");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		auth_op_audit_hmac(op, &aev, details, "email", l->email);
 		return;
 	case LOGIN_AUDIT:
 		op->state = LOGIN_COMMIT;
@@ -612,14 +623,7 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 		                l->found ? l->user_id : NULL, "auth.login.failed");
 		aev.resource_id = l->found ? l->user_id : NULL;
 		details = json_pack("{s:s}", "reason", l->why);
-		if (audit_details_set_hmac(details, "email", l->email) == -1) {
-			json_decref(details);
-			http_op_fail(op, 500, "internal", "the audit trail is not ready");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		auth_op_audit_hmac(op, &aev, details, "email", l->email);
 		return;
 	case LOGIN_FAIL_AUDIT:
 		op->state = LOGIN_FAIL_COMMIT;
@@ -659,17 +663,11 @@ static void auth_login_checked(struct http_request *req)
 	}
 	l->pwlen = strlen(pw);
 	l->pw = xstrndup(pw, l->pwlen);
-	l->has_code =
-	    json_object_get(body, "totp") != NULL || json_object_get(body, "backup_code") != NULL;
 	p[0] = l->email;
 	l->op.state = LOGIN_LOOKUP;
 	(void)http_op_prepared(&l->op, "auth_login_lookup", 1, p);
 out:
-	/* The body held the password: wipe jansson's copy before it is freed. */
-	if (body != NULL && json_is_string(json_object_get(body, "password")))
-		cs_wipe((char *)json_string_value(json_object_get(body, "password")),
-		        json_string_length(json_object_get(body, "password")));
-	json_decref(body);
+	auth_body_free(body);
 }
 
 static void auth_login(struct http_request *req)
@@ -823,14 +821,7 @@ static void refresh_advance(struct http_op *op, enum db_event ev, const PGresult
 		aev.resource_type = "session";
 		aev.resource_id = r->session_id;
 		details = json_object();
-		if (audit_details_set_hmac(details, "jti", r->hash) == -1) {
-			json_decref(details);
-			http_op_fail(op, 500, "internal", "the audit trail is not ready");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		auth_op_audit_hmac(op, &aev, details, "jti", r->hash);
 		return;
 	case REFRESH_COMMIT:
 		http_set_cancel(op->req, NULL, NULL);
@@ -916,14 +907,7 @@ static void logout_advance(struct http_op *op, enum db_event ev, const PGresult 
 		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id, "auth.logout");
 		aev.resource_id = req->auth.session_id;
 		details = json_object();
-		if (audit_details_set_hmac(details, "jti", req->auth.jti) == -1) {
-			json_decref(details);
-			http_op_fail(op, 500, "internal", "the audit trail is not ready");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		auth_op_audit_hmac(op, &aev, details, "jti", req->auth.jti);
 		return;
 	case LOGOUT_AUDIT:
 		op->state = LOGOUT_COMMIT;

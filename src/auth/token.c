@@ -178,8 +178,6 @@ static bool auth_uuid_ok(const char *s)
 	for (int i = 0; i < 36; i++) {
 		if (shape[i] == '-' ? s[i] != '-' : strchr("0123456789abcdef", s[i]) == NULL)
 			return false;
-		if (s[i] == '\0')
-			return false;
 	}
 	return true;
 }

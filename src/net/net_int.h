@@ -12,13 +12,13 @@
 #include "cloudsweep/net.h"
 
 enum conn_state {
-	CONN_HANDSHAKE,	 /* TLS handshake in progress (handshake timeout) */
-	CONN_IDLE,	 /* between requests, nothing buffered (idle timeout) */
-	CONN_HEAD,	 /* reading a request head (header timeout, a total bound) */
-	CONN_BODY,	 /* reading a request body (body timeout) */
+	CONN_HANDSHAKE,  /* TLS handshake in progress (handshake timeout) */
+	CONN_IDLE,       /* between requests, nothing buffered (idle timeout) */
+	CONN_HEAD,       /* reading a request head (header timeout, a total bound) */
+	CONN_BODY,       /* reading a request body (body timeout) */
 	CONN_DISPATCHED, /* a handler owns the request; parsing is paused */
-	CONN_WRITING,	 /* flushing a response */
-	CONN_CLOSED,	 /* torn down; freed once the callback stack unwinds */
+	CONN_WRITING,    /* flushing a response */
+	CONN_CLOSED,     /* torn down; freed once the callback stack unwinds */
 };
 
 /* A growable byte buffer; [off, len) holds the live bytes. */
@@ -45,16 +45,16 @@ struct http_parse {
 	llhttp_t parser;
 	const struct config *cfg;    /* borrowed; limits */
 	const struct router *router; /* borrowed; given to new requests */
-	struct conn *conn;	     /* borrowed; given to new requests, may be NULL */
+	struct conn *conn;           /* borrowed; given to new requests, may be NULL */
 	struct http_request *req;    /* owned until taken */
-	struct netbuf url;	     /* request target being assembled */
-	struct netbuf hname;	     /* header name being assembled */
-	struct netbuf hval;	     /* header value being assembled */
-	struct netbuf body;	     /* body being assembled */
-	size_t head_bytes;	     /* bytes of the current head counted so far */
-	int error_status;	     /* the answer to a limit or syntax failure */
-	bool in_body;		     /* headers done, body bytes expected */
-	bool continue_due;	     /* a 100 Continue must be sent */
+	struct netbuf url;           /* request target being assembled */
+	struct netbuf hname;         /* header name being assembled */
+	struct netbuf hval;          /* header value being assembled */
+	struct netbuf body;          /* body being assembled */
+	size_t head_bytes;           /* bytes of the current head counted so far */
+	int error_status;            /* the answer to a limit or syntax failure */
+	bool in_body;                /* headers done, body bytes expected */
+	bool continue_due;           /* a 100 Continue must be sent */
 };
 
 enum parse_result {
@@ -65,10 +65,10 @@ enum parse_result {
 
 /* Set up a parser; cfg supplies the limits. */
 void http_parse_init(struct http_parse *ps, const struct config *cfg, const struct router *router,
-		     struct conn *conn);
+                     struct conn *conn);
 /* Parse up to len bytes, stopping after a complete request. */
 enum parse_result http_parse_feed(struct http_parse *ps, const char *data, size_t len,
-				  size_t *consumed);
+                                  size_t *consumed);
 /* Take ownership of the request being assembled (may be NULL). */
 struct http_request *http_parse_take(struct http_parse *ps);
 /* Between requests: give the assembly buffers back so an idle connection is small. */
@@ -81,19 +81,19 @@ struct ip_slot;
 struct conn {
 	struct server *srv; /* borrowed */
 	int fd;
-	SSL *ssl;	      /* owned */
+	SSL *ssl;             /* owned */
 	struct event *ev_r;   /* owned; persistent read readiness */
 	struct event *ev_w;   /* owned; write readiness, armed on demand */
 	struct event *ev_tmo; /* owned; the timeout of the current state */
 	enum conn_state state;
 	struct http_parse parse;  /* the request being received */
 	struct http_request *req; /* owned; the request being served */
-	struct netbuf in;	  /* received, not yet parsed */
-	struct netbuf out;	  /* response bytes not yet written */
-	int resp_status;	  /* status of the response being written */
+	struct netbuf in;         /* received, not yet parsed */
+	struct netbuf out;        /* response bytes not yet written */
+	int resp_status;          /* status of the response being written */
 	bool close_after_write;
-	bool read_paused; /* input buffer full: read event disabled */
-	bool idle_trimmed; /* idle long enough that the buffers were released */
+	bool read_paused;   /* input buffer full: read event disabled */
+	bool idle_trimmed;  /* idle long enough that the buffers were released */
 	struct ip_slot *ip; /* borrowed; this client's entry in the per-IP table */
 	char ip_text[64];
 	TAILQ_ENTRY(conn) link;
@@ -110,10 +110,10 @@ struct ip_slot {
 #define NET_IP_BUCKETS 1024
 
 struct server {
-	struct event_base *base; /* borrowed */
+	struct event_base *base;  /* borrowed */
 	const struct config *cfg; /* borrowed */
-	struct router *router;	  /* borrowed */
-	SSL_CTX *ctx;		  /* borrowed; shared by all workers */
+	struct router *router;    /* borrowed */
+	SSL_CTX *ctx;             /* borrowed; shared by all workers */
 	int listen_fd;
 	struct event *ev_accept; /* owned */
 	struct event *ev_resume; /* owned; re-enables accept after EMFILE */
