@@ -69,6 +69,14 @@ struct config {
 	char *audit_hmac_key_file;    /* owned */
 	char *audit_signing_key_file; /* owned */
 	long long audit_checkpoint_interval_s;
+	char *vault_key_dir; /* owned */
+	/* -- fields: alerts -- */
+	/* -- fields: mfa -- */
+	/* -- fields: github -- */
+	/* -- fields: members -- */
+	/* -- fields: awsclient -- */
+	/* -- fields: creds -- */
+	/* -- fields: scans -- */
 
 	/* Derived by config_finish(); secrets are wiped by config_free(). */
 	char *db_password;   /* owned secret, or NULL */

@@ -89,6 +89,20 @@
 
 struct vault_keyring;
 
+/* ---- the worker's key ring ---- */
+
+struct config;
+/* Load this worker's ring from cfg->vault_key_dir and/or VAULT_KEKS_ENV; 0 or -1 (logged). */
+int vault_worker_init(const struct config *cfg) CS_WUR;
+/* The worker's ring (NULL before vault_worker_init). */
+struct vault_keyring *vault_ring(void);
+/* The key directory in use, or NULL when the keys come from the environment only. */
+const char *vault_key_dir(void);
+/* Reload the ring (after a rotation or retirement); the old ring stays on failure. 0 or -1. */
+int vault_worker_reload(void) CS_WUR;
+/* Wipe and free the worker's ring. */
+void vault_worker_free(void);
+
 /* ---- the key ring ---- */
 
 /*

@@ -204,6 +204,9 @@ void auth_routes(struct router *r)
 {
 	auth_session_routes(r);
 	auth_me_routes(r);
+	/* -- routes: mfa -- */
+	/* -- routes: github -- */
+	/* -- routes: members -- */
 }
 
 int auth_worker_init(struct event_base *base, const struct config *cfg, struct db_pool *pool)

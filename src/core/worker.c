@@ -18,6 +18,7 @@
 #include "cloudsweep/http.h"
 #include "cloudsweep/log.h"
 #include "cloudsweep/net.h"
+#include "cloudsweep/vault.h"
 #include "cloudsweep/worker.h"
 
 struct worker *cs_worker;
@@ -143,11 +144,19 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 		               *cfg->audit_signing_key_file != '\0' ? cfg->audit_signing_key_file
 		                                                    : NULL) == -1)
 			fatalx("audit_init", "cannot load the audit keys (audit_hmac_key_file)");
+		if (vault_worker_init(cfg) == -1)
+			fatalx("vault_init", "cannot load the vault key ring (vault_key_dir)");
 		if (auth_worker_init(w->base, cfg, w->db) == -1)
 			fatalx("auth_init", "cannot start authentication");
 		router_use(w->router, auth_mw_authenticate);
 		router_use(w->router, auth_mw_ratelimit);
 		auth_routes(w->router);
+		/* -- init: alerts -- */
+		/* -- init: github -- */
+		/* -- init: members -- */
+		/* -- init: awsclient -- */
+		/* -- init: creds -- */
+		/* -- init: scans -- */
 		w->ev_checkpoint = event_new(w->base, -1, EV_PERSIST, worker_checkpoint_cb, w);
 		if (w->ev_checkpoint == NULL)
 			fatalx("worker_events", "cannot create the checkpoint timer");
@@ -182,7 +191,14 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 	if (w->checkpoint != NULL)
 		audit_sign_cancel(w->checkpoint);
 	if (w->db != NULL) {
+		/* -- free: alerts -- */
+		/* -- free: github -- */
+		/* -- free: members -- */
+		/* -- free: awsclient -- */
+		/* -- free: creds -- */
+		/* -- free: scans -- */
 		auth_worker_free();
+		vault_worker_free();
 		audit_shutdown();
 		db_pool_free(w->db);
 	}

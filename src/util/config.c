@@ -130,6 +130,17 @@ const struct config_option config_options[] = {
 	    "Ed25519 private key (PEM) that signs audit chain checkpoints; empty: no signing."),
 	OPT(audit_checkpoint_interval_s, CONFIG_INT, "300", 1, 86400, false,
 	    "How often each worker signs the audit chain heads that advanced, seconds."),
+	OPT(vault_key_dir, CONFIG_PATH, "", 0, 0, false,
+	    "Directory of the vault's key-encryption keys (kek-1, kek-2, ... mode 0600); "
+	    "with the environment variable CLOUDSWEEP_VAULT_KEKS also or instead. Required "
+	    "with a database."),
+	/* -- options: alerts -- */
+	/* -- options: mfa -- */
+	/* -- options: github -- */
+	/* -- options: members -- */
+	/* -- options: awsclient -- */
+	/* -- options: creds -- */
+	/* -- options: scans -- */
 	{ NULL, 0, NULL, 0, 0, false, 0, NULL },
 };
 

@@ -685,7 +685,13 @@ def secret_files(workdir):
     subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(sign)],
                    check=True, capture_output=True)
     sign.chmod(0o600)
+    vault = d / "vault"
+    vault.mkdir(mode=0o700)
+    kek = vault / "kek-1"
+    kek.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+    kek.chmod(0o600)
     SECRET_OPTIONS.update({
+        "vault_key_dir": vault,
         "jwt_secret_file": d / "jwt_secret",
         "audit_hmac_key_file": d / "audit_hmac_key",
         "audit_signing_key_file": sign,

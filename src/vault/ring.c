@@ -1,0 +1,62 @@
+/*
+ * ring.c - the worker's key ring: loaded once at start-up from the key
+ * directory and/or CLOUDSWEEP_VAULT_KEKS, reloaded after a rotation.
+ */
+#include <stdlib.h>
+
+#include "cloudsweep/config.h"
+#include "cloudsweep/log.h"
+#include "cloudsweep/vault.h"
+
+static struct vault_keyring *worker_ring;
+static char *worker_dir;
+
+static struct vault_keyring *ring_load(void)
+{
+	const char *spec = getenv(VAULT_KEKS_ENV);
+
+	if (worker_dir == NULL && spec == NULL) {
+		log_warnx("vault_init", "no key-encryption keys: set vault_key_dir or %s",
+		          VAULT_KEKS_ENV);
+		return NULL;
+	}
+	return vault_keyring_load(worker_dir, spec);
+}
+
+int vault_worker_init(const struct config *cfg)
+{
+	free(worker_dir);
+	worker_dir = *cfg->vault_key_dir != '\0' ? xstrdup(cfg->vault_key_dir) : NULL;
+	vault_keyring_free(worker_ring);
+	worker_ring = ring_load();
+	return worker_ring != NULL ? 0 : -1;
+}
+
+struct vault_keyring *vault_ring(void)
+{
+	return worker_ring;
+}
+
+const char *vault_key_dir(void)
+{
+	return worker_dir;
+}
+
+int vault_worker_reload(void)
+{
+	struct vault_keyring *fresh = ring_load();
+
+	if (fresh == NULL)
+		return -1;
+	vault_keyring_free(worker_ring);
+	worker_ring = fresh;
+	return 0;
+}
+
+void vault_worker_free(void)
+{
+	vault_keyring_free(worker_ring);
+	worker_ring = NULL;
+	free(worker_dir);
+	worker_dir = NULL;
+}
