@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cloudsweep/creds.h"
 #include "cloudsweep/db.h"
 #include "cloudsweep/log.h"
 #include "cloudsweep/net.h"
@@ -27,6 +28,8 @@ static void usage(FILE *fp)
 	            "  (none)         serve HTTPS\n"
 	            "  migrate        apply the SQL migrations in sql_dir and exit\n"
 	            "  config-sample  print the documented sample configuration\n"
+	            "  keys list|rotate|retire N\n"
+	            "                 show, add or retire vault key-encryption-key versions\n"
 	            "  version        print the version\n"
 	            "options:\n"
 	            "  -c, --config FILE   configuration file (default " SYSCONFDIR
@@ -81,6 +84,8 @@ int main(int argc, char **argv)
 	}
 	if (optind < argc)
 		command = argv[optind++];
+	if (strcmp(command, "keys") == 0)
+		return creds_keys_main(path, debug, argc - optind, argv + optind);
 	if (optind < argc) {
 		usage(stderr);
 		return 2;
@@ -131,6 +136,11 @@ int main(int argc, char **argv)
 	}
 
 	if (config_check_serving(cfg, err, sizeof(err)) == -1) {
+		fprintf(stderr, "cloudsweepd: configuration error: %s\n", err);
+		config_free(cfg);
+		return 1;
+	}
+	if (creds_config_check(cfg, err, sizeof(err)) == -1) {
 		fprintf(stderr, "cloudsweepd: configuration error: %s\n", err);
 		config_free(cfg);
 		return 1;

@@ -72,6 +72,13 @@ bool auth_role_allows(enum auth_role role, const char *perm);
 /* Whether perm is one the permission matrix knows (routes must name known ones). */
 bool auth_perm_known(const char *perm);
 
+/*
+ * The value of cookie name in a Cookie header value h (NULL is fine): a
+ * pointer into h and its length in *lenp, or NULL when absent. The first
+ * "name=" pair wins; pairs are separated by ';' and optional spaces.
+ */
+const char *auth_cookie_find(const char *h, const char *name, size_t *lenp);
+
 /* Start the revocation mirror on this worker's pool (LISTEN cs_revoke + poll). */
 void auth_revoke_start(struct event_base *base, struct db_pool *pool);
 /* Stop it and free its memory. */

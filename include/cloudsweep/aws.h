@@ -4,6 +4,12 @@
  * Version 4) comes first; request building, transport and XML parsing
  * follow it in later sections.
  *
+ * The client section turns credentials and an action into a signed call,
+ * hundreds at a time from one worker reactor: it owns an http_client, keeps
+ * AWS's rate limits with token buckets, retries what AWS says to retry and
+ * hands back either a small XML DOM (query protocol) or a json_t (KMS). The
+ * STS section assumes roles and caches the temporary credentials per worker.
+ *
  * Signing is pure computation on the caller's thread: it never blocks, never
  * calls back and keeps no pointer into the request after it returns. A
  * struct sigv4_signer owns the OpenSSL contexts it reuses for every request
@@ -20,6 +26,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <time.h>
+
+#include <event2/event.h>
+#include <jansson.h>
 
 #include "cloudsweep/util.h"
 
@@ -170,5 +179,320 @@ int sigv4_canonical(struct sigv4_signer *s, const struct aws_credentials *cred,
  * sign the same way they travel.
  */
 char *sigv4_uri_encode(const char *in, size_t len, bool keep_slash);
+
+/* ==== XML responses ==== */
+
+/*
+ * Query-protocol responses are parsed with expat into a small read-only
+ * DOM. Namespaces are dropped (AWS uses one per service and version); a
+ * DOCTYPE, an entity declaration, more than AWS_XML_MAX_DEPTH levels or
+ * AWS_XML_MAX_NODES elements make the document invalid, so a hostile or
+ * broken endpoint cannot make the parser expand or recurse without bound.
+ */
+#define AWS_XML_MAX_DEPTH 64
+#define AWS_XML_MAX_NODES 262144
+
+/* One element. Everything belongs to its document and lives as long as it. */
+struct aws_xml_node {
+	const char *name;                  /* local name, namespace prefix removed */
+	const char *text;                  /* character data directly inside, "" if none;
+	                                      whitespace-trimmed when the element has children */
+	size_t text_len;                   /* bytes of text */
+	const struct aws_xml_node *parent; /* NULL for the root */
+	const struct aws_xml_node *child;  /* first child, or NULL */
+	const struct aws_xml_node *next;   /* next sibling, or NULL */
+};
+
+struct aws_xml_doc;
+
+/*
+ * Parse len bytes of XML. NULL when the input is not well-formed or over a
+ * limit; err (errlen bytes) then says why and where, without quoting input.
+ */
+struct aws_xml_doc *aws_xml_parse(const char *buf, size_t len, char *err, size_t errlen);
+/* Free a document and every node in it; NULL is fine. */
+void aws_xml_free(struct aws_xml_doc *doc);
+/* The document element. */
+const struct aws_xml_node *aws_xml_root(const struct aws_xml_doc *doc);
+/* The first child of n named name, or NULL (n may be NULL). */
+const struct aws_xml_node *aws_xml_child(const struct aws_xml_node *n, const char *name);
+/*
+ * Follow a '/'-separated path of child names from n ("Credentials/AccessKeyId");
+ * "*" matches any one name. NULL when some step is missing.
+ */
+const struct aws_xml_node *aws_xml_find(const struct aws_xml_node *n, const char *path);
+/* The text of aws_xml_find(n, path), or NULL when it is missing. */
+const char *aws_xml_text(const struct aws_xml_node *n, const char *path);
+/* The next sibling of n with the same name, for walking <item>/<member> lists. */
+const struct aws_xml_node *aws_xml_next(const struct aws_xml_node *n);
+
+/* Walk the <item> or <member> (any name) children of list: AWS's list shapes. */
+#define AWS_XML_FOREACH(it, list, name)                                                 \
+	for (const struct aws_xml_node *it = aws_xml_child((list), (name)); it != NULL; \
+	     it = aws_xml_next(it))
+
+/* ==== The client ==== */
+
+/* The services CloudSweep calls; each knows its protocol, version and endpoint. */
+enum aws_service {
+	AWS_EC2,        /* query protocol, XML; SDK id "EC2" */
+	AWS_STS,        /* query; "STS" */
+	AWS_RDS,        /* query; "RDS" */
+	AWS_ELB,        /* classic load balancing, query; "ELASTIC_LOAD_BALANCING" */
+	AWS_ELBV2,      /* query; "ELASTIC_LOAD_BALANCING_V2" */
+	AWS_CLOUDWATCH, /* query; "CLOUDWATCH" */
+	AWS_KMS,        /* JSON protocol (X-Amz-Target TrentService.*); "KMS" */
+	AWS_SERVICE_COUNT
+};
+
+/*
+ * Defaults of the rate limits. AWS meters EC2 per account and region with
+ * token buckets (published: non-mutating actions a bucket of 100 refilled at
+ * 20/s, mutating ones 200 at 5/s, "Request throttling for the Amazon EC2
+ * API"); CloudSweep's defaults allow describe calls 100/s with a burst of
+ * 100 and mutating calls 50/s with a burst of 50 per (account, service,
+ * region), and lean on AWS's own throttling answers (retried with backoff)
+ * for the rest.
+ */
+#define AWS_DEFAULT_MAX_IN_FLIGHT         256
+#define AWS_DEFAULT_MAX_IN_FLIGHT_ACCOUNT 64
+#define AWS_DEFAULT_READ_RATE             100
+#define AWS_DEFAULT_READ_BURST            100
+#define AWS_DEFAULT_WRITE_RATE            50
+#define AWS_DEFAULT_WRITE_BURST           50
+#define AWS_DEFAULT_ATTEMPTS              5
+#define AWS_DEFAULT_DEADLINE_MS           30000
+#define AWS_DEFAULT_ATTEMPT_TIMEOUT_MS    10000
+#define AWS_DEFAULT_BACKOFF_BASE_MS       100
+#define AWS_DEFAULT_BACKOFF_MAX_MS        20000
+#define AWS_DEFAULT_MAX_RESPONSE          (16u << 20)
+#define AWS_DEFAULT_STS_REFRESH_S         300
+#define AWS_PARAMS_MAX                    512 /* query parameters of one call */
+
+/*
+ * Client settings; a zero field takes the default above. Endpoints: a
+ * per-service override here wins over endpoint_url here, which wins over the
+ * environment's AWS_ENDPOINT_URL_<SDK ID> and then AWS_ENDPOINT_URL; without
+ * any, the real regional endpoint (https://SERVICE.REGION.amazonaws.com) is
+ * used. http:// is accepted for local emulators. ca_file (else
+ * AWS_CA_BUNDLE, else the system store) verifies the endpoints' certificates.
+ */
+struct aws_client_options {
+	int max_in_flight;              /* HTTP requests outstanding at once, all accounts */
+	int max_in_flight_per_account;  /* so one large customer cannot starve the rest */
+	double read_rate, read_burst;   /* tokens/s and bucket size for non-mutating calls */
+	double write_rate, write_burst; /* the same for mutating calls */
+	int attempts;                   /* tries per call, first one included */
+	int deadline_ms;                /* per call, from aws_call() to its callback */
+	int attempt_timeout_ms;         /* per try, so a hung connection is retried */
+	int backoff_base_ms;            /* full jitter: sleep U(0, min(max, base * 2^try)) */
+	int backoff_max_ms;
+	size_t max_response_bytes; /* largest response body accepted */
+	int sts_refresh_before_s;  /* cached role credentials are renewed this long before expiry */
+	const char *ca_file;       /* borrowed during aws_client_new */
+	const char *endpoint_url;  /* borrowed during aws_client_new; NULL or "": none */
+	const char *endpoint_urls[AWS_SERVICE_COUNT]; /* borrowed; per service, NULL: none */
+	bool no_env; /* ignore AWS_ENDPOINT_URL* and AWS_CA_BUNDLE (tests) */
+};
+
+/* One query parameter; both borrowed until aws_call() returns. */
+struct aws_param {
+	const char *name;  /* "VolumeId.1", "Filter.1.Name", ... */
+	const char *value; /* raw; the client URL-encodes it */
+};
+
+/*
+ * One call. Everything is copied by aws_call(), credentials included (the
+ * copy is wiped when the call ends), so the caller may free it at once.
+ */
+struct aws_request {
+	enum aws_service service;
+	const char *region;                  /* "us-east-1" */
+	const struct aws_credentials *creds; /* signs every attempt */
+	const char *account; /* rate-limit key (the AWS account id); NULL: the access key id */
+	const char *action;  /* "DescribeVolumes"; for KMS "Decrypt" (TrentService.Decrypt) */
+	const char *version; /* NULL: the service's API version */
+	const struct aws_param *params; /* query protocol */
+	size_t nparams;
+	const char *json_body; /* JSON protocol: the request document; NULL: "{}" */
+	bool mutating;         /* counts against the write bucket and is never re-sent by the
+	                          HTTP layer on its own; this client still retries it on
+	                          throttling, 5xx, timeouts and resets as AWS's SDKs do, so
+	                          pass the API's ClientToken where it has one */
+	int deadline_ms;       /* 0: the client's default */
+};
+
+enum aws_status {
+	AWS_OK = 0,        /* 2xx and the body parsed */
+	AWS_ERR_SERVICE,   /* AWS answered with an error: error_code/error_message */
+	AWS_ERR_THROTTLED, /* still throttled (or 5xx) when the attempts ran out */
+	AWS_ERR_TIMEOUT,   /* the call's deadline passed */
+	AWS_ERR_NETWORK,   /* DNS, connect, TLS or reset, on every attempt */
+	AWS_ERR_RESPONSE,  /* the response was malformed or over the size limit */
+	AWS_ERR_REQUEST,   /* the request could not be built or signed (nothing was sent) */
+};
+
+/*
+ * What a call produced, handed to its callback. Every pointer is valid only
+ * during the callback.
+ */
+struct aws_result {
+	enum aws_status status;
+	int http_status;                /* of the last response, 0 when none arrived */
+	const char *error_code;         /* AWS's code ("AccessDenied") or ""; never a secret */
+	const char *message;            /* AWS's message, or what happened
+	                                   ("Throttling after 5 attempts: Rate exceeded"); "" on success */
+	const char *request_id;         /* x-amzn-RequestId or <RequestId>, "" when absent */
+	int attempts;                   /* requests sent */
+	const struct aws_xml_node *xml; /* query protocol: the response's root (also for errors) */
+	json_t *json; /* JSON protocol: the response document (borrowed), or NULL */
+};
+
+struct aws_client;
+struct aws_call;
+
+/* Called exactly once per call from the event loop, unless the call was cancelled. */
+typedef void (*aws_call_cb)(const struct aws_result *res, void *arg);
+
+/* Counters for metrics and tests. */
+struct aws_client_stats {
+	uint64_t calls;          /* aws_call() accepted */
+	uint64_t attempts;       /* HTTP requests sent */
+	uint64_t retries;        /* attempts after the first */
+	uint64_t throttled;      /* answers that were throttling */
+	uint64_t failed;         /* calls that ended with an error */
+	uint64_t in_flight;      /* gauge: HTTP requests outstanding */
+	uint64_t max_in_flight;  /* the most outstanding at once */
+	uint64_t waiting;        /* gauge: calls waiting for a token or a slot */
+	uint64_t sts_calls;      /* AssumeRole requests sent */
+	uint64_t sts_cache_hits; /* role credentials served from the cache */
+};
+
+/* A client on base (borrowed). opt may be NULL. NULL on error (logged). */
+struct aws_client *aws_client_new(struct event_base *base, const struct aws_client_options *opt);
+/* Cancel every pending call (no callback runs), wipe cached credentials, free. */
+void aws_client_free(struct aws_client *client);
+/*
+ * Start a call. Returns its handle, valid until the callback returns or
+ * aws_call_cancel(); NULL when the request is invalid (logged without
+ * parameters) - then cb never runs.
+ */
+struct aws_call *aws_call(struct aws_client *client, const struct aws_request *req, aws_call_cb cb,
+                          void *arg);
+/* Cancel a call: its callback never runs. A no-op from inside its own callback. */
+void aws_call_cancel(struct aws_call *call);
+/* Copy the counters. */
+void aws_client_stats(const struct aws_client *client, struct aws_client_stats *out);
+/* The endpoint URL a service and region resolve to (for logs and tests; "" if invalid). */
+const char *aws_client_endpoint(struct aws_client *client, enum aws_service service,
+                                const char *region, char *buf, size_t len);
+/* "ok", "service", "throttled", "timeout", "network", "response", "request". */
+const char *aws_status_name(enum aws_status st);
+
+/* ==== Pagination ==== */
+
+struct aws_pager;
+
+/*
+ * One page of a paginated call. last is true on the final page and on an
+ * error (res->status != AWS_OK); return false to stop early (no further
+ * callback runs).
+ */
+typedef bool (*aws_page_cb)(const struct aws_result *res, bool last, void *arg);
+
+/*
+ * Run req page after page: each response's next token (the element named
+ * token_param or "Next" + token_param, case-insensitively, under the root or
+ * its *Result element; the same key in a JSON body) is sent back as
+ * token_param ("NextToken", "Marker") until a page has none. The request is
+ * copied. NULL when invalid (cb never runs).
+ */
+struct aws_pager *aws_paginate(struct aws_client *client, const struct aws_request *req,
+                               const char *token_param, aws_page_cb cb, void *arg);
+/* Stop a pager: no further callback runs. A no-op from inside its callback. */
+void aws_pager_cancel(struct aws_pager *p);
+
+/* ==== STS and credentials ==== */
+
+/* Credentials with owned strings, wiped by aws_owned_credentials_clear. */
+struct aws_owned_credentials {
+	char *access_key_id;     /* owned */
+	char *secret_access_key; /* owned secret */
+	char *session_token;     /* owned secret, or NULL */
+	time_t expiration;       /* UTC seconds, 0 for long-term keys */
+};
+
+/* Wipe and free the strings; safe on a zeroed struct. */
+void aws_owned_credentials_clear(struct aws_owned_credentials *c);
+/* A borrowed view for signing. */
+struct aws_credentials aws_owned_credentials_view(const struct aws_owned_credentials *c);
+
+/*
+ * CloudSweep's own (base) credentials, which assume customers' roles: from
+ * path when it is non-empty - an AWS shared-credentials style file of
+ * "key = value" lines with aws_access_key_id, aws_secret_access_key and
+ * optionally aws_session_token ('#'/';' comments and [section] lines are
+ * ignored; the file should be mode 0600) - otherwise from the environment
+ * (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN). 0, or -1
+ * when none are found (logged, without values).
+ */
+int aws_base_credentials_load(const char *path, struct aws_owned_credentials *out) CS_WUR;
+
+/* What to assume. Strings are copied. */
+struct aws_assume_role {
+	const char *role_arn;        /* arn:aws:iam::123456789012:role/Name */
+	const char *external_id;     /* the customer's external id, or NULL */
+	int duration_s;              /* 900..43200; 0: 3600 */
+	const char *session_name;    /* RoleSessionName: the purpose ("scan", "verify") */
+	const char *source_identity; /* SourceIdentity: the organization, or NULL */
+	bool no_cache;               /* always call STS and cache nothing (onboarding probes) */
+};
+
+struct aws_sts_wait;
+
+/*
+ * The outcome of an assume: on AWS_OK creds (valid only during the callback;
+ * copy what must outlive it, or just pass them to aws_call, which copies).
+ */
+typedef void (*aws_sts_cb)(const struct aws_result *res, const struct aws_credentials *creds,
+                           time_t expiration, void *arg);
+
+/*
+ * Temporary credentials for a role: from the per-client cache, keyed by
+ * (source identity, role ARN, external id, base access key) but not by the
+ * session name, while they have more than sts_refresh_before_s left;
+ * otherwise from one AssumeRole that concurrent askers share. Cached
+ * credentials live only in this process's memory and are wiped when dropped.
+ * cb always runs from the event loop. NULL when the request is invalid.
+ */
+struct aws_sts_wait *aws_sts_assume_role(struct aws_client *client,
+                                         const struct aws_credentials *base, const char *region,
+                                         const struct aws_assume_role *role, aws_sts_cb cb,
+                                         void *arg);
+/* Stop waiting: cb never runs (a shared AssumeRole still fills the cache). */
+void aws_sts_wait_cancel(struct aws_sts_wait *w);
+/* Drop every cached credential (wiped). */
+void aws_sts_cache_clear(struct aws_client *client);
+
+/* The module's own plumbing between client.c and sts.c; not for other callers. */
+struct aws_sts_cache;
+struct aws_sts_cache **aws_client_sts_slot(struct aws_client *client);
+int aws_client_sts_refresh_before(const struct aws_client *client);
+struct event_base *aws_client_base(struct aws_client *client);
+void aws_sts_cache_free(struct aws_sts_cache *cache);
+void aws_sts_cache_counts(const struct aws_sts_cache *cache, uint64_t *calls, uint64_t *hits);
+
+/* ==== The worker's client ==== */
+
+struct config;
+
+/* Build this worker's client from the aws_* options; -1 on error (logged). */
+int aws_worker_init(struct event_base *base, const struct config *cfg) CS_WUR;
+/* Free this worker's client (pending calls are cancelled). */
+void aws_worker_free(void);
+/* This worker's client, or NULL before aws_worker_init. */
+struct aws_client *aws_worker_client(void);
+/* This worker's base credentials (aws_credentials_file or the environment), or NULL. */
+const struct aws_credentials *aws_worker_base_credentials(void);
 
 #endif

@@ -70,12 +70,61 @@ struct config {
 	char *audit_signing_key_file; /* owned */
 	long long audit_checkpoint_interval_s;
 	char *vault_key_dir; /* owned */
+
+	char *alert_rules_file; /* owned; empty: built-in rules */
+	long long alert_interval_s;
+	char *alert_webhook_url;         /* owned; empty: no webhook */
+	char *alert_webhook_secret_file; /* owned */
+	char *alert_webhook_ca_file;     /* owned; empty: the system store */
+	long long audit_retention_days;
+	long long alert_retention_days;
+	long long retention_interval_s;
+	long long org_limits_refresh_s;
 	/* -- fields: alerts -- */
+	char *mfa_issuer; /* owned; the otpauth URI issuer */
 	/* -- fields: mfa -- */
+	char *github_client_id;           /* owned; empty: GitHub login off */
+	char *github_client_secret_file;  /* owned */
+	char *github_web_url;             /* owned */
+	char *github_api_url;             /* owned */
+	char *github_redirect_url;        /* owned */
+	char *github_app_url;             /* owned */
+	char *github_webhook_secret_file; /* owned; empty: webhooks refused */
+	char *github_ca_file;             /* owned; empty: the system store */
 	/* -- fields: github -- */
+	long long purge_after_days;
+	long long purge_interval_s;
 	/* -- fields: members -- */
+	long long aws_max_in_flight;
+	long long aws_max_in_flight_per_account;
+	long long aws_read_rate, aws_read_burst;
+	long long aws_write_rate, aws_write_burst;
+	long long aws_attempts;
+	long long aws_deadline_ms;
+	long long aws_attempt_timeout_ms;
+	long long aws_max_response_bytes;
+	char *aws_ca_file;          /* owned; empty: AWS_CA_BUNDLE or the system store */
+	char *aws_endpoint_url;     /* owned; empty: AWS_ENDPOINT_URL or the real endpoints */
+	char *aws_endpoint_urls;    /* owned; "SDK_ID=URL ..." */
+	char *aws_credentials_file; /* owned; empty: the environment */
+	long long aws_sts_refresh_before_s;
 	/* -- fields: awsclient -- */
+	char *aws_regions; /* owned; the region allow-list */
+	long long aws_verify_on_create;
+	long long rewrap_batch;
+	long long rewrap_interval_s;
+	char *vault_provider; /* owned; "file" ("kms" later) */
 	/* -- fields: creds -- */
+	long long scan_lease_s;
+	long long scan_max_attempts;
+	long long scan_max_running;
+	long long scan_max_running_per_org;
+	long long scan_worker_units;
+	long long scan_unit_detectors;
+	long long scan_max_items_per_unit;
+	long long scan_poll_s;
+	long long scan_longpoll_max;
+	char *scan_prices_file; /* owned */
 	/* -- fields: scans -- */
 
 	/* Derived by config_finish(); secrets are wiped by config_free(). */

@@ -60,9 +60,66 @@ void auth_respond_tokens(struct http_request *req, int status, const char *user,
 void auth_login_gate(struct http_request *req, void (*proceed)(struct http_request *req));
 /* Count a failed login against the client address (may block it). */
 void auth_login_failed_note(struct http_request *req);
+/* Free the organization tier limiters of limit.c (alerts_worker_free calls it). */
+void auth_limit_free(void);
+
+/* Whether s is a UUID in text form (36 characters, hex and dashes). */
+bool auth_uuid_valid(const char *s);
+
+/* Sessions revoked inside an op's transaction, to tell this worker's mirror after COMMIT. */
+struct auth_revoked {
+	int n;           /* sessions revoked (all of them, even beyond those kept in sid) */
+	int kept;        /* entries in sid */
+	char (*sid)[37]; /* pool-owned ids, at most AUTH_REVOKED_KEEP */
+	long long expires_at;
+};
+#define AUTH_REVOKED_KEEP 1000 /* beyond this the NOTIFY-driven mirror poll covers the rest */
+
+/*
+ * Revoke user's live sessions in op's transaction: those of org (NULL: every
+ * organization), only session `only` when not NULL, sparing session `keep`
+ * when not NULL; reason goes to sessions.revoke_reason. Each one gets a
+ * 'sid' revocation row (NOTIFY reaches every worker). advance gets the rows;
+ * pass them to auth_revoked_keep. -1 has answered already.
+ */
+int auth_op_sessions_revoke(struct http_op *op, const char *user, const char *org, const char *only,
+                            const char *keep, const char *reason);
+/* Remember the session ids of an auth_op_sessions_revoke result in r (request pool). */
+void auth_revoked_keep(struct http_request *req, struct auth_revoked *r, const PGresult *res);
+/* Record r's revocations in this worker's mirror at once; call after COMMIT. */
+void auth_revoked_note(const struct auth_revoked *r);
+
+/* mfa.c: TOTP enrollment, activation, disabling and backup codes. */
+void auth_mfa_routes(struct router *r);
+/*
+ * Open a user's sealed TOTP secret (blob bound to org) and check code at the
+ * current time, refusing steps <= last_step: 0 accepted (*step set to the
+ * matched step), 1 refused, -1 the secret does not open (logged).
+ */
+int auth_mfa_totp_check(const char *org, const char *user, const char *blob, const char *code,
+                        long long last_step, long long *step) CS_WUR;
+/*
+ * Count a failed second factor for user $1 with threshold $2 and base
+ * seconds $3: the lock grows as the password's does, on its own columns.
+ */
+#define AUTH_MFA_FAIL_SQL                                                             \
+	"UPDATE users SET mfa_failures = mfa_failures + 1, mfa_locked_until = CASE "  \
+	"WHEN mfa_failures + 1 >= $2::int THEN now() + make_interval(secs => "        \
+	"least($3::float8 * power(2, least(mfa_failures + 1 - $2::int, 20)), 3600)) " \
+	"ELSE mfa_locked_until END WHERE id = $1"
 
 /* Route registration of each file. */
 void auth_session_routes(struct router *r);
 void auth_me_routes(struct router *r);
+/* members.c: org members, the caller's sessions, password change. */
+void auth_members_routes(struct router *r);
+/* privacy.c: export, rectification, email re-verification, account deletion. */
+void auth_privacy_routes(struct router *r);
+/* GitHub sign-in and webhook routes (github.c). */
+void auth_github_routes(struct router *r);
+/* Per-worker GitHub start-up: secrets and the outbound client. 0 or -1 (logged). */
+int auth_github_init(struct event_base *base, const struct config *cfg) CS_WUR;
+/* Per-worker GitHub teardown: pending calls cancelled, secrets wiped. */
+void auth_github_free(void);
 
 #endif

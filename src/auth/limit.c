@@ -5,6 +5,13 @@
  * them to the global safety bucket; a refusal is 429 with Retry-After and an
  * access.rate_limited audit event. When Postgres cannot answer, the request
  * is refused with 503 (fail closed), never waved through.
+ *
+ * An organization's tier (orgs.rate_limit_per_min) replaces the user rate
+ * for its members. The tiers are read for all organizations at once, at
+ * most every org_limits_refresh_s per worker and never on the request's
+ * path: a request uses what the worker knows (the default until the first
+ * read answers). Each distinct tier rate has a limiter of its own on the
+ * same shared buckets, since a limiter's rates are fixed when it is made.
  */
 #include "config.h"
 
@@ -17,6 +24,132 @@
 #include "cloudsweep/worker.h"
 #include "auth_int.h"
 
+#define LIMIT_TIERS_MAX 16     /* distinct tier rates served; beyond, the default rate */
+#define LIMIT_ORGS_MAX  100000 /* organizations with a tier read at once */
+
+struct limit_org {
+	char org_id[37];
+	long long rate_per_min;
+};
+
+struct limit_tier {
+	long long rate_per_min;
+	struct ratelimit *rl; /* owned */
+};
+
+/* This worker's view of the organization tiers. */
+static struct {
+	struct limit_org *orgs; /* owned, sorted by org_id */
+	size_t norgs;
+	struct limit_tier tiers[LIMIT_TIERS_MAX];
+	int ntiers;
+	struct db_query *q;  /* pending refresh, or NULL */
+	uint64_t fetched_ms; /* when the last refresh was asked for; 0: never */
+	bool full_logged;
+} limit_g;
+
+static int limit_org_cmp(const void *a, const void *b)
+{
+	return strcmp(((const struct limit_org *)a)->org_id, ((const struct limit_org *)b)->org_id);
+}
+
+static void limit_orgs_cb(void *arg, enum db_event ev, const PGresult *res)
+{
+	size_t n;
+
+	limit_g.q = NULL;
+	if (ev != DB_OK) {
+		log_warnx("org_limits_refresh",
+		          "cannot read the organization tiers; keeping the last");
+		return;
+	}
+	n = (size_t)PQntuples(res);
+	free(limit_g.orgs);
+	limit_g.orgs = n > 0 ? xcalloc(n, sizeof(*limit_g.orgs)) : NULL;
+	for (size_t i = 0; i < n; i++) {
+		snprintf(limit_g.orgs[i].org_id, sizeof(limit_g.orgs[i].org_id), "%s",
+		         PQgetvalue(res, (int)i, 0));
+		limit_g.orgs[i].rate_per_min = atoll(PQgetvalue(res, (int)i, 1));
+	}
+	limit_g.norgs = n;
+	if (n > 1)
+		qsort(limit_g.orgs, n, sizeof(*limit_g.orgs), limit_org_cmp);
+}
+
+/* Start a refresh of the tiers when the worker's copy is older than the TTL. */
+static void limit_orgs_refresh(void)
+{
+	uint64_t now = cs_now_ms();
+	char lim[24];
+	const char *p[1] = { lim };
+
+	if (limit_g.q != NULL || cs_worker == NULL || cs_worker->db == NULL ||
+	    (limit_g.fetched_ms != 0 &&
+	     now - limit_g.fetched_ms < (uint64_t)auth_g.cfg->org_limits_refresh_s * 1000))
+		return;
+	limit_g.fetched_ms = now;
+	snprintf(lim, sizeof(lim), "%d", LIMIT_ORGS_MAX);
+	limit_g.q = db_query(cs_worker->db,
+	                     "SELECT id::text, rate_limit_per_min FROM orgs WHERE "
+	                     "rate_limit_per_min IS NOT NULL ORDER BY id LIMIT $1::int",
+	                     1, p, limit_orgs_cb, NULL);
+}
+
+/* The limiter for a request of org_id: its tier's (rate in *tierp), or the default one. */
+static struct ratelimit *limit_for_org(const char *org_id, long long *tierp)
+{
+	struct limit_org key, *o;
+	struct ratelimit_config rc;
+	struct limit_tier *t;
+
+	limit_orgs_refresh();
+	if (org_id == NULL || limit_g.norgs == 0)
+		return auth_g.rl;
+	snprintf(key.org_id, sizeof(key.org_id), "%s", org_id);
+	o = bsearch(&key, limit_g.orgs, limit_g.norgs, sizeof(*o), limit_org_cmp);
+	if (o == NULL || o->rate_per_min == (long long)auth_g.cfg->ratelimit_user_per_min)
+		return auth_g.rl;
+	for (int i = 0; i < limit_g.ntiers; i++)
+		if (limit_g.tiers[i].rate_per_min == o->rate_per_min) {
+			*tierp = o->rate_per_min;
+			return limit_g.tiers[i].rl;
+		}
+	if (limit_g.ntiers == LIMIT_TIERS_MAX) {
+		if (!limit_g.full_logged)
+			log_warnx("org_limits_tiers",
+			          "more than %d distinct tier rates; the others "
+			          "get the default user rate",
+			          LIMIT_TIERS_MAX);
+		limit_g.full_logged = true;
+		return auth_g.rl;
+	}
+	ratelimit_config_defaults(&rc);
+	rc.anon_rate_per_min = (double)auth_g.cfg->ratelimit_anon_per_min;
+	rc.user_rate_per_min = (double)o->rate_per_min;
+	rc.global_rate_per_min = (double)auth_g.cfg->ratelimit_global_per_min;
+	rc.block_threshold = (int)auth_g.cfg->login_block_threshold;
+	rc.block_window_s = (int)auth_g.cfg->login_block_window_s;
+	rc.block_duration_s = (int)auth_g.cfg->login_block_duration_s;
+	t = &limit_g.tiers[limit_g.ntiers];
+	t->rl = ratelimit_new(cs_worker->db, &rc);
+	if (t->rl == NULL)
+		return auth_g.rl;
+	t->rate_per_min = o->rate_per_min;
+	limit_g.ntiers++;
+	*tierp = o->rate_per_min;
+	return t->rl;
+}
+
+void auth_limit_free(void)
+{
+	if (limit_g.q != NULL)
+		db_query_cancel(limit_g.q);
+	for (int i = 0; i < limit_g.ntiers; i++)
+		ratelimit_free(limit_g.tiers[i].rl);
+	free(limit_g.orgs);
+	memset(&limit_g, 0, sizeof(limit_g));
+}
+
 struct limit_wait {
 	struct http_request *req; /* borrowed */
 	struct rl_check *check;   /* pending check, or NULL */
@@ -24,12 +157,14 @@ struct limit_wait {
 	bool answered;
 	enum rl_verdict verdict;
 	int retry_after_s;
+	long long limit_per_min; /* the subject bucket's rate, for the audit event */
 };
 
 /* Answer a refusal the limiter decided; true when the request must stop. */
 static bool limit_refuse(struct http_request *req, enum rl_verdict v, int retry_after_s,
-                         const char *what)
+                         long long limit_per_min, const char *what)
 {
+	json_t *details;
 	char ra[16];
 
 	if (v == RL_ALLOW)
@@ -40,9 +175,14 @@ static bool limit_refuse(struct http_request *req, enum rl_verdict v, int retry_
 		return true;
 	}
 	http_add_header(req, "Retry-After", ra);
+	details = json_pack(
+	    "{s:s, s:I, s:s, s:s, s:i}", "bucket", req->auth.authenticated ? "user" : "ip",
+	    "limit_per_min", (json_int_t)limit_per_min, "method", req->method, "path",
+	    req->route->pattern, "retry_after", retry_after_s > 0 ? retry_after_s : 1);
 	auth_audit_standalone(req, req->auth.authenticated ? req->auth.org_id : NULL,
 	                      req->auth.authenticated ? req->auth.user_id : NULL,
-	                      "access.rate_limited", req->route->pattern, NULL);
+	                      "access.rate_limited", req->route->pattern, details);
+	json_decref(details);
 	http_error(req, 429, "rate_limited", "%s; retry after %s s", what, ra);
 	return true;
 }
@@ -50,7 +190,8 @@ static bool limit_refuse(struct http_request *req, enum rl_verdict v, int retry_
 static void limit_continue(struct limit_wait *w)
 {
 	http_set_cancel(w->req, NULL, NULL);
-	if (!limit_refuse(w->req, w->verdict, w->retry_after_s, "too many requests"))
+	if (!limit_refuse(w->req, w->verdict, w->retry_after_s, w->limit_per_min,
+	                  "too many requests"))
 		http_next(w->req);
 }
 
@@ -78,6 +219,7 @@ static void limit_cancel_cb(struct http_request *req, void *arg)
 void auth_mw_ratelimit(struct http_request *req)
 {
 	const struct route *rt = req->route;
+	struct ratelimit *rl;
 	struct limit_wait *w;
 	struct rl_subject s;
 
@@ -93,7 +235,10 @@ void auth_mw_ratelimit(struct http_request *req)
 	s.user_id = req->auth.authenticated ? req->auth.user_id : NULL;
 	s.org_id = req->auth.authenticated ? req->auth.org_id : NULL;
 	http_set_cancel(req, limit_cancel_cb, w);
-	w->check = ratelimit_check(auth_g.rl, &s, limit_checked_cb, w);
+	w->limit_per_min = req->auth.authenticated ? auth_g.cfg->ratelimit_user_per_min
+	                                           : auth_g.cfg->ratelimit_anon_per_min;
+	rl = req->auth.authenticated ? limit_for_org(s.org_id, &w->limit_per_min) : auth_g.rl;
+	w->check = ratelimit_check(rl, &s, limit_checked_cb, w);
 	w->returned = true;
 	if (w->answered)
 		limit_continue(w); /* answered from the worker's lease before returning */

@@ -204,8 +204,11 @@ void auth_routes(struct router *r)
 {
 	auth_session_routes(r);
 	auth_me_routes(r);
+	auth_mfa_routes(r);
 	/* -- routes: mfa -- */
+	auth_github_routes(r);
 	/* -- routes: github -- */
+	auth_members_routes(r);
 	/* -- routes: members -- */
 }
 
@@ -275,6 +278,7 @@ int auth_worker_init(struct event_base *base, const struct config *cfg, struct d
 void auth_worker_free(void)
 {
 	auth_revoke_stop();
+	auth_limit_free();
 	ratelimit_free(auth_g.rl);
 	auth_g.rl = NULL;
 	threadpool_free(auth_g.tp);

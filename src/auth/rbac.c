@@ -14,6 +14,7 @@
 
 #include "cloudsweep/auth.h"
 #include "cloudsweep/log.h"
+#include "auth_int.h"
 
 static const char *const role_names[] = { "none", "viewer", "member", "admin", "owner" };
 
@@ -28,7 +29,7 @@ static const struct {
 	{ "members:read", AUTH_ROLE_VIEWER },        { "members:manage", AUTH_ROLE_ADMIN },
 	{ "audit:read", AUTH_ROLE_ADMIN },           { "keys:rotate", AUTH_ROLE_ADMIN },
 	{ "security:read", AUTH_ROLE_ADMIN },        { "billing:read", AUTH_ROLE_OWNER },
-	{ "billing:manage", AUTH_ROLE_OWNER },
+	{ "security:manage", AUTH_ROLE_ADMIN },      { "billing:manage", AUTH_ROLE_OWNER },
 };
 
 enum auth_role auth_role_parse(const char *s)
@@ -67,10 +68,8 @@ bool auth_role_allows(enum auth_role role, const char *perm)
 	return false; /* unknown permissions are held by nobody */
 }
 
-/* The value of cookie name in the Cookie header, copied into the pool, or NULL. */
-static const char *auth_cookie(struct http_request *req, const char *name)
+const char *auth_cookie_find(const char *h, const char *name, size_t *lenp)
 {
-	const char *h = http_header(req, "Cookie");
 	size_t nlen = strlen(name);
 
 	while (h != NULL && *h != '\0') {
@@ -81,11 +80,22 @@ static const char *auth_cookie(struct http_request *req, const char *name)
 			h++;
 			len--;
 		}
-		if (len > nlen && strncmp(h, name, nlen) == 0 && h[nlen] == '=')
-			return http_strndup(req, h + nlen + 1, len - nlen - 1);
+		if (len > nlen && strncmp(h, name, nlen) == 0 && h[nlen] == '=') {
+			*lenp = len - nlen - 1;
+			return h + nlen + 1;
+		}
 		h = end != NULL ? end + 1 : NULL;
 	}
 	return NULL;
+}
+
+/* The value of cookie name in the Cookie header, copied into the pool, or NULL. */
+static const char *auth_cookie(struct http_request *req, const char *name)
+{
+	size_t len;
+	const char *v = auth_cookie_find(http_header(req, "Cookie"), name, &len);
+
+	return v != NULL ? http_strndup(req, v, len) : NULL;
 }
 
 static bool auth_method_changes_state(const char *m)
@@ -153,11 +163,23 @@ void auth_mw_authenticate(struct http_request *req)
 
 		if (want == NULL || got == NULL || strlen(want) < 16 ||
 		    strlen(want) != strlen(got) || !cs_consttime_eq(want, got, strlen(want))) {
+			json_t *d =
+			    json_pack("{s:s, s:s}", "method", req->method, "path", rt->pattern);
+
+			auth_audit_standalone(req, req->auth.org_id, req->auth.user_id,
+			                      "access.csrf_failed", NULL, d);
+			json_decref(d);
 			http_error(req, 403, "csrf_failed", "missing or wrong X-CSRF-Token");
 			return;
 		}
 	}
 	if (rt->perm != NULL && !auth_role_allows(auth_role_parse(req->auth.role), rt->perm)) {
+		json_t *d = json_pack("{s:s, s:s, s:s, s:s}", "permission", rt->perm, "method",
+		                      req->method, "path", rt->pattern, "role", req->auth.role);
+
+		auth_audit_standalone(req, req->auth.org_id, req->auth.user_id,
+		                      "access.permission_denied", NULL, d);
+		json_decref(d);
 		http_error(req, 403, "forbidden", "your role lacks the permission %s", rt->perm);
 		return;
 	}

@@ -11,6 +11,12 @@
  * grace window gets the very same successor back without the server ever
  * storing a token in clear; outside the window it is reuse, and the whole
  * session (the family) is revoked.
+ *
+ * With MFA on, login checks the second factor only after the password has
+ * verified (mfa.c opens the TOTP secret); the step or backup code is spent
+ * by a conditional UPDATE inside the success transaction, so of two logins
+ * racing with one code exactly one passes. Second-factor failures count on
+ * their own columns (mfa_failures / mfa_locked_until), never the password's.
  */
 #include "config.h"
 
@@ -174,11 +180,15 @@ const char *auth_body_str(struct http_request *req, json_t *body, const char *na
 
 void auth_body_free(json_t *body)
 {
-	json_t *pw = json_object_get(body, "password");
+	static const char *const secret_fields[] = { "password", "totp", "backup_code", "code" };
 
-	/* The body held a password: wipe jansson's copy before it is freed. */
-	if (json_is_string(pw))
-		cs_wipe((char *)json_string_value(pw), json_string_length(pw));
+	/* The body held a password or a code: wipe jansson's copies before they are freed. */
+	for (size_t i = 0; i < CS_ARRAY_LEN(secret_fields); i++) {
+		json_t *v = json_object_get(body, secret_fields[i]);
+
+		if (json_is_string(v))
+			cs_wipe((char *)json_string_value(v), json_string_length(v));
+	}
 	json_decref(body);
 }
 
@@ -426,13 +436,26 @@ enum login_state {
 	LOGIN_VERIFY,      /* argon2id verification (against a dummy hash for unknown emails) */
 	LOGIN_REHASH,      /* the stored hash used old parameters: hashing anew */
 	LOGIN_BEGIN,       /* BEGIN for the success path */
+	LOGIN_MFA_SPEND,   /* the TOTP step or the backup code spent (conditional UPDATE) */
+	LOGIN_MFA_AUDIT,   /* auth.mfa.used / auth.mfa.backup_code_used appended */
 	LOGIN_WRITE,       /* session, refresh token and user counters written */
 	LOGIN_AUDIT,       /* auth.login.succeeded appended */
 	LOGIN_COMMIT,      /* COMMIT sent; then the tokens go out */
 	LOGIN_FAIL_BEGIN,  /* BEGIN for the failure path */
-	LOGIN_FAIL_UPDATE, /* failure counter and lockout updated */
+	LOGIN_FAIL_UPDATE, /* failure counter and lockout (password's or MFA's) updated */
 	LOGIN_FAIL_AUDIT,  /* auth.login.failed appended */
 	LOGIN_FAIL_COMMIT, /* COMMIT sent; then 401 */
+};
+
+#define LOGIN_TOTP_MAX   16 /* longest totp field accepted (six digits, maybe spaced) */
+#define LOGIN_BACKUP_MAX 32 /* longest backup_code field accepted */
+
+/* What a failed login counts against, and how it is answered. */
+enum login_fail {
+	LOGIN_FAIL_PASSWORD,     /* pw_failures; 401 invalid_credentials */
+	LOGIN_FAIL_MFA_REQUIRED, /* nothing counted; 401 mfa_required */
+	LOGIN_FAIL_MFA,          /* mfa_failures; 401 invalid_code */
+	LOGIN_FAIL_MFA_LOCKED,   /* mfa_failures (the lock grows); 429 mfa_locked */
 };
 
 struct login_op {
@@ -446,6 +469,19 @@ struct login_op {
 	char user_id[37], org_id[37], role[16], session_id[37];
 	char *phc, *new_phc; /* pool-owned */
 	char refresh[AUTH_REFRESH_TEXT];
+	/* The second factor, used only once the password has verified. */
+	char totp[LOGIN_TOTP_MAX + 1];            /* as given, or empty; wiped */
+	char backup_code[LOGIN_BACKUP_MAX + 1];   /* as given, or empty; wiped */
+	char *mfa_blob;                           /* pool-owned sealed TOTP secret, or NULL */
+	char mfa_org[37];                         /* the blob's organization binding */
+	long long mfa_last_step;                  /* users.mfa_last_step at lookup */
+	bool mfa_locked;                          /* mfa_locked_until is in the future */
+	char mfa_retry[24];                       /* seconds until it is not, for Retry-After */
+	char mfa_step[32];                        /* the TOTP step accepted, as text */
+	int mfa_offset;                           /* that step minus the current one (-1, 0, 1) */
+	char code_hash[BACKUP_CODE_HASH_LEN + 1]; /* the backup code's stored form */
+	long long codes_left;                     /* backup codes unspent after this one */
+	enum login_fail fail;                     /* what a failure counts against */
 };
 
 static void login_wipe(struct login_op *l)
@@ -455,6 +491,8 @@ static void login_wipe(struct login_op *l)
 		free(l->pw);
 		l->pw = NULL;
 	}
+	cs_wipe(l->totp, sizeof(l->totp));
+	cs_wipe(l->backup_code, sizeof(l->backup_code));
 }
 
 static void login_cancel(struct http_op *op)
@@ -468,11 +506,59 @@ static void login_cancel(struct http_op *op)
 	cs_wipe(l->refresh, sizeof(l->refresh));
 }
 
-static void login_fail_start(struct login_op *l, const char *why)
+static void login_fail_start(struct login_op *l, enum login_fail fail, const char *why)
 {
+	login_wipe(l);
+	l->fail = fail;
 	l->why = why;
 	l->op.state = LOGIN_FAIL_BEGIN;
 	(void)http_op_begin(&l->op);
+}
+
+/*
+ * The password verified and MFA is on: check the code given (TOTP here; a
+ * backup code only by spending it in the transaction). 0 to go on, -1 when
+ * the login has failed (started or answered).
+ */
+static int login_mfa_check(struct login_op *l)
+{
+	long long step = 0;
+	int rc;
+
+	if (l->totp[0] == '\0' && l->backup_code[0] == '\0') {
+		login_fail_start(l, LOGIN_FAIL_MFA_REQUIRED, "mfa_required");
+		return -1;
+	}
+	if (l->mfa_locked) {
+		/* No code is even checked while locked: a guess gains nothing. */
+		login_fail_start(l, LOGIN_FAIL_MFA_LOCKED, "mfa_locked");
+		return -1;
+	}
+	if (l->backup_code[0] != '\0') {
+		char *h = backup_code_hash(l->user_id, l->backup_code);
+
+		if (h == NULL) {
+			login_fail_start(l, LOGIN_FAIL_MFA, "mfa_invalid");
+			return -1;
+		}
+		snprintf(l->code_hash, sizeof(l->code_hash), "%s", h);
+		free(h);
+		return 0;
+	}
+	rc = auth_mfa_totp_check(l->mfa_org, l->user_id, l->mfa_blob, l->totp, l->mfa_last_step,
+	                         &step);
+	if (rc == -1) {
+		login_wipe(l);
+		http_op_fail(&l->op, 500, "internal", "cannot check the second factor");
+		return -1;
+	}
+	if (rc == 1) {
+		login_fail_start(l, LOGIN_FAIL_MFA, "mfa_invalid");
+		return -1;
+	}
+	snprintf(l->mfa_step, sizeof(l->mfa_step), "%lld", step);
+	l->mfa_offset = (int)(step - (long long)totp_time_step(time(NULL)));
+	return 0;
 }
 
 static void login_rehashed_cb(void *arg, const char *phc)
@@ -493,18 +579,14 @@ static void login_verified_cb(void *arg, int result)
 
 	l->job = NULL;
 	if (!l->found || l->locked || result != 0) {
-		login_wipe(l);
-		login_fail_start(l, !l->found   ? "unknown_email"
-		                    : l->locked ? "locked"
-		                                : "bad_password");
+		login_fail_start(l, LOGIN_FAIL_PASSWORD,
+		                 !l->found   ? "unknown_email"
+		                 : l->locked ? "locked"
+		                             : "bad_password");
 		return;
 	}
-	if (l->mfa_enabled) {
-		/* The second factor arrives with the MFA capability; until then refuse safely. */
-		login_wipe(l);
-		http_op_fail(&l->op, 401, "mfa_required", "a second factor is required");
+	if (l->mfa_enabled && login_mfa_check(l) == -1)
 		return;
-	}
 	if (password_needs_rehash(l->phc, &auth_g.pp)) {
 		l->op.state = LOGIN_REHASH;
 		l->job = password_hash_start(auth_g.tp, &auth_g.pp, l->pw, l->pwlen,
@@ -515,6 +597,62 @@ static void login_verified_cb(void *arg, int result)
 	login_wipe(l);
 	l->op.state = LOGIN_BEGIN;
 	(void)http_op_begin(&l->op);
+}
+
+/* The success path's writes: a session, its first refresh token, the user's counters. */
+static void login_write(struct login_op *l)
+{
+	char ttl[32], rhash[65];
+	const char *ua = http_header(l->op.req, "User-Agent");
+	const char *p[8] = { l->session_id,        l->user_id, l->org_id, l->op.req->client_ip,
+		             ua != NULL ? ua : "", ttl,        rhash,     l->new_phc };
+
+	cs_uuid4(l->session_id);
+	auth_refresh_new(l->refresh);
+	auth_token_hash_hex(rhash, l->refresh);
+	snprintf(ttl, sizeof(ttl), "%lld", auth_g.cfg->refresh_token_ttl_s);
+	l->op.state = LOGIN_WRITE;
+	(void)http_op_query(
+	    &l->op,
+	    "WITH s AS (INSERT INTO sessions (id, user_id, org_id, method, ip, user_agent, "
+	    "expires_at) VALUES ($1, $2, $3, 'password', $4, left($5, 512), "
+	    "now() + make_interval(secs => $6::bigint)) RETURNING id, expires_at), "
+	    "r AS (INSERT INTO refresh_tokens (token_hash, session_id, expires_at) "
+	    "SELECT decode($7, 'hex'), s.id, s.expires_at FROM s) "
+	    "UPDATE users SET pw_failures = 0, pw_locked_until = NULL, mfa_failures = 0, "
+	    "mfa_locked_until = NULL, last_login_at = now(), "
+	    "password_hash = coalesce($8, password_hash) WHERE id = $2",
+	    8, p);
+}
+
+/* Spend the accepted TOTP step or the backup code, race-safe: $1 user, $2 step or hash. */
+static void login_mfa_spend(struct login_op *l)
+{
+	l->op.state = LOGIN_MFA_SPEND;
+	if (l->code_hash[0] != '\0') {
+		const char *p[2] = { l->user_id, l->code_hash };
+
+		/* All parts share one snapshot: the count is of the codes unspent before. */
+		(void)http_op_query(
+		    &l->op,
+		    "WITH spent AS (UPDATE backup_codes SET used_at = now() WHERE user_id = $1 "
+		    "AND code_hash = $2 AND used_at IS NULL AND EXISTS (SELECT 1 FROM users "
+		    "WHERE id = $1 AND mfa_enabled AND NOT coalesce(mfa_locked_until > now(), "
+		    "false)) RETURNING 1) "
+		    "SELECT (SELECT count(*) FROM spent), (SELECT count(*) FROM backup_codes "
+		    "WHERE user_id = $1 AND used_at IS NULL) - (SELECT count(*) FROM spent)",
+		    2, p);
+	} else {
+		const char *p[3] = { l->user_id, l->mfa_step, l->mfa_blob };
+
+		(void)http_op_query(
+		    &l->op,
+		    "WITH u AS (UPDATE users SET mfa_last_step = $2::bigint WHERE id = $1 "
+		    "AND mfa_enabled AND mfa_secret = $3 AND mfa_last_step < $2::bigint "
+		    "AND NOT coalesce(mfa_locked_until > now(), false) RETURNING 1) "
+		    "SELECT count(*), 0 FROM u",
+		    3, p);
+	}
 }
 
 static void login_advance(struct http_op *op, enum db_event ev, const PGresult *res)
@@ -541,6 +679,15 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 			l->locked = strcmp(PQgetvalue(res, 0, 3), "t") == 0;
 			snprintf(l->org_id, sizeof(l->org_id), "%s", PQgetvalue(res, 0, 4));
 			snprintf(l->role, sizeof(l->role), "%s", PQgetvalue(res, 0, 5));
+			if (!PQgetisnull(res, 0, 6) && !PQgetisnull(res, 0, 7)) {
+				l->mfa_blob = http_strndup(op->req, PQgetvalue(res, 0, 6),
+				                           strlen(PQgetvalue(res, 0, 6)));
+				snprintf(l->mfa_org, sizeof(l->mfa_org), "%s",
+				         PQgetvalue(res, 0, 7));
+			}
+			l->mfa_last_step = strtoll(PQgetvalue(res, 0, 8), NULL, 10);
+			l->mfa_locked = strcmp(PQgetvalue(res, 0, 9), "t") == 0;
+			snprintf(l->mfa_retry, sizeof(l->mfa_retry), "%s", PQgetvalue(res, 0, 10));
 		}
 		/* Unknown and locked accounts pay for a real argon2 run too: same time, same
 		 * answer. */
@@ -553,38 +700,48 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 			             "too many logins in progress; retry later");
 		return;
 	}
-	case LOGIN_BEGIN: {
-		char ttl[32], rhash[65];
-		const char *ua = http_header(op->req, "User-Agent");
-		const char *p[8] = {
-			l->session_id,        l->user_id, l->org_id, op->req->client_ip,
-			ua != NULL ? ua : "", ttl,        rhash,     l->new_phc
-		};
-
-		cs_uuid4(l->session_id);
-		auth_refresh_new(l->refresh);
-		auth_token_hash_hex(rhash, l->refresh);
-		snprintf(ttl, sizeof(ttl), "%lld", auth_g.cfg->refresh_token_ttl_s);
-		op->state = LOGIN_WRITE;
-		(void)http_op_query(
-		    op,
-		    "WITH s AS (INSERT INTO sessions (id, user_id, org_id, method, ip, user_agent, "
-		    "expires_at) VALUES ($1, $2, $3, 'password', $4, left($5, 512), "
-		    "now() + make_interval(secs => $6::bigint)) RETURNING id, expires_at), "
-		    "r AS (INSERT INTO refresh_tokens (token_hash, session_id, expires_at) "
-		    "SELECT decode($7, 'hex'), s.id, s.expires_at FROM s) "
-		    "UPDATE users SET pw_failures = 0, pw_locked_until = NULL, last_login_at = "
-		    "now(), "
-		    "password_hash = coalesce($8, password_hash) WHERE id = $2",
-		    8, p);
+	case LOGIN_BEGIN:
+		if (l->mfa_enabled)
+			login_mfa_spend(l);
+		else
+			login_write(l);
 		return;
-	}
+	case LOGIN_MFA_SPEND:
+		if (strcmp(PQgetvalue(res, 0, 0), "1") != 0) {
+			/* Replayed, raced by another login with the same code, or locked
+			 * meanwhile: a failure, counted in this very transaction. */
+			l->fail = LOGIN_FAIL_MFA;
+			l->why = "mfa_invalid";
+			op->state = LOGIN_FAIL_BEGIN;
+			login_advance(op, DB_OK, NULL);
+			return;
+		}
+		l->codes_left = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+		op->state = LOGIN_MFA_AUDIT;
+		auth_audit_fill(&aev, op->req, l->org_id, l->user_id,
+		                l->code_hash[0] != '\0' ? "auth.mfa.backup_code_used"
+		                                        : "auth.mfa.used");
+		aev.resource_id = l->user_id;
+		details = l->code_hash[0] != '\0'
+		              ? json_pack("{s:I}", "remaining", (json_int_t)l->codes_left)
+		              : json_pack("{s:i}", "step", l->mfa_offset);
+		if (details == NULL) {
+			http_op_fail(op, 500, "internal", "the audit trail is not ready");
+			return;
+		}
+		aev.details = details;
+		(void)auth_op_audit(op, &aev);
+		json_decref(details);
+		return;
+	case LOGIN_MFA_AUDIT:
+		login_write(l);
+		return;
 	case LOGIN_WRITE:
 		op->state = LOGIN_AUDIT;
 		auth_audit_fill(&aev, op->req, l->org_id, l->user_id, "auth.login.succeeded");
 		aev.resource_id = l->user_id;
-		details =
-		    json_pack("{s:s, s:s}", "method", "password", "session_id", l->session_id);
+		details = json_pack("{s:s, s:s, s:b}", "method", "password", "session_id",
+		                    l->session_id, "mfa", l->mfa_enabled);
 		auth_op_audit_hmac(op, &aev, details, "email", l->email);
 		return;
 	case LOGIN_AUDIT:
@@ -602,12 +759,18 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 		const char *p[3] = { l->user_id, thr, base };
 
 		op->state = LOGIN_FAIL_UPDATE;
-		if (!l->found) {
-			login_advance(op, DB_OK, NULL); /* nothing to count for an unknown email */
+		if (!l->found || l->fail == LOGIN_FAIL_MFA_REQUIRED) {
+			/* Nothing to count: an unknown email, or a client that asks what is next.
+			 */
+			login_advance(op, DB_OK, NULL);
 			return;
 		}
 		snprintf(thr, sizeof(thr), "%lld", auth_g.cfg->lockout_threshold);
 		snprintf(base, sizeof(base), "%lld", auth_g.cfg->lockout_base_s);
+		if (l->fail != LOGIN_FAIL_PASSWORD) { /* the second factor has its own lockout */
+			(void)http_op_query(op, AUTH_MFA_FAIL_SQL, 3, p);
+			return;
+		}
 		(void)http_op_query(
 		    op,
 		    "UPDATE users SET pw_failures = pw_failures + 1, pw_locked_until = CASE "
@@ -622,7 +785,7 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 		auth_audit_fill(&aev, op->req, l->found ? l->org_id : NULL,
 		                l->found ? l->user_id : NULL, "auth.login.failed");
 		aev.resource_id = l->found ? l->user_id : NULL;
-		details = json_pack("{s:s}", "reason", l->why);
+		details = json_pack("{s:s, s:b}", "reason", l->why, "mfa", l->mfa_enabled);
 		auth_op_audit_hmac(op, &aev, details, "email", l->email);
 		return;
 	case LOGIN_FAIL_AUDIT:
@@ -631,8 +794,27 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 		return;
 	case LOGIN_FAIL_COMMIT:
 		http_set_cancel(op->req, NULL, NULL);
-		auth_login_failed_note(op->req);
-		http_error(op->req, 401, "invalid_credentials", "wrong email or password");
+		switch (l->fail) {
+		case LOGIN_FAIL_PASSWORD:
+			auth_login_failed_note(op->req);
+			http_error(op->req, 401, "invalid_credentials", "wrong email or password");
+			return;
+		case LOGIN_FAIL_MFA_REQUIRED:
+			http_error(op->req, 401, "mfa_required",
+			           "a second factor is required: totp or backup_code");
+			return;
+		case LOGIN_FAIL_MFA:
+			auth_login_failed_note(op->req);
+			http_error(op->req, 401, "invalid_code",
+			           "the second factor code is wrong or was already used");
+			return;
+		case LOGIN_FAIL_MFA_LOCKED:
+			auth_login_failed_note(op->req);
+			http_add_header(op->req, "Retry-After", l->mfa_retry);
+			http_error(op->req, 429, "mfa_locked",
+			           "too many wrong codes; the second factor is locked for a while");
+			return;
+		}
 		return;
 	default:
 		http_op_fail(op, 500, "internal", "login in an unexpected state");
@@ -643,7 +825,7 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 static void auth_login_checked(struct http_request *req)
 {
 	json_t *body = http_json_body(req);
-	const char *email, *pw;
+	const char *email, *pw, *totp = NULL, *backup = NULL;
 	struct login_op *l;
 	const char *p[1];
 
@@ -655,6 +837,17 @@ static void auth_login_checked(struct http_request *req)
 	pw = auth_body_str(req, body, "password", PASSWORD_MAX_BYTES, true);
 	if (pw == NULL)
 		goto out;
+	totp = auth_body_str(req, body, "totp", LOGIN_TOTP_MAX, false);
+	if (totp == NULL && req->responded)
+		goto out;
+	backup = auth_body_str(req, body, "backup_code", LOGIN_BACKUP_MAX, false);
+	if (backup == NULL && req->responded)
+		goto out;
+	if (totp != NULL && backup != NULL) {
+		http_error(req, 400, "invalid_request",
+		           "field totp and field backup_code: give one of them, not both");
+		goto out;
+	}
 	l = http_op_new(req, sizeof(*l), login_advance);
 	l->op.on_cancel = login_cancel;
 	if (auth_email_normalize(email, l->email, sizeof(l->email)) == -1) {
@@ -663,6 +856,8 @@ static void auth_login_checked(struct http_request *req)
 	}
 	l->pwlen = strlen(pw);
 	l->pw = xstrndup(pw, l->pwlen);
+	snprintf(l->totp, sizeof(l->totp), "%s", totp != NULL ? totp : "");
+	snprintf(l->backup_code, sizeof(l->backup_code), "%s", backup != NULL ? backup : "");
 	p[0] = l->email;
 	l->op.state = LOGIN_LOOKUP;
 	(void)http_op_prepared(&l->op, "auth_login_lookup", 1, p);
@@ -939,7 +1134,10 @@ void auth_session_routes(struct router *r)
 	    cs_worker->db, "auth_login_lookup",
 	    "SELECT u.id, u.password_hash, u.mfa_enabled, coalesce(u.pw_locked_until > now(), "
 	    "false), "
-	    "m.org_id, m.role FROM users u LEFT JOIN LATERAL (SELECT org_id, role FROM memberships "
+	    "m.org_id, m.role, u.mfa_secret, u.mfa_secret_org, u.mfa_last_step, "
+	    "coalesce(u.mfa_locked_until > now(), false), "
+	    "greatest(1, ceil(extract(epoch FROM u.mfa_locked_until - now())))::bigint "
+	    "FROM users u LEFT JOIN LATERAL (SELECT org_id, role FROM memberships "
 	    "WHERE user_id = u.id ORDER BY (role = 'owner') DESC, created_at LIMIT 1) m ON true "
 	    "WHERE u.email = $1 AND u.deleted_at IS NULL",
 	    1);

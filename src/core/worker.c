@@ -12,14 +12,20 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cloudsweep/alerts.h"
 #include "cloudsweep/audit.h"
 #include "cloudsweep/auth.h"
+#include "cloudsweep/creds.h"
+#include "cloudsweep/aws.h"
 #include "cloudsweep/db.h"
 #include "cloudsweep/http.h"
 #include "cloudsweep/log.h"
 #include "cloudsweep/net.h"
+#include "cloudsweep/scan.h"
+#include "cloudsweep/privacy.h"
 #include "cloudsweep/vault.h"
 #include "cloudsweep/worker.h"
+#include "../auth/auth_int.h" /* auth_github_init */
 
 struct worker *cs_worker;
 
@@ -151,11 +157,23 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 		router_use(w->router, auth_mw_authenticate);
 		router_use(w->router, auth_mw_ratelimit);
 		auth_routes(w->router);
+		if (alerts_worker_init(w->base, cfg, w->db) == -1)
+			fatalx("alerts_init", "cannot start security alerts (alert_* options)");
+		alerts_routes(w->router);
 		/* -- init: alerts -- */
+		if (auth_github_init(w->base, cfg) == -1)
+			fatalx("github_init", "cannot start GitHub sign-in (github_* options)");
 		/* -- init: github -- */
+		privacy_purge_start(w->base, cfg, w->db);
 		/* -- init: members -- */
+		if (aws_worker_init(w->base, cfg) == -1)
+			fatalx("aws_init", "cannot start the AWS client (aws_* options)");
 		/* -- init: awsclient -- */
+		if (creds_worker_init(w->base, cfg, w->db, w->router) == -1)
+			fatalx("creds_init", "cannot start the credential store (aws_regions)");
 		/* -- init: creds -- */
+		if (scan_worker_init(w->base, cfg, w->db, w->router) == -1)
+			fatalx("scan_init", "cannot start scanning (scan_prices_file)");
 		/* -- init: scans -- */
 		w->ev_checkpoint = event_new(w->base, -1, EV_PERSIST, worker_checkpoint_cb, w);
 		if (w->ev_checkpoint == NULL)
@@ -191,17 +209,25 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 	if (w->checkpoint != NULL)
 		audit_sign_cancel(w->checkpoint);
 	if (w->db != NULL) {
+		alerts_worker_free();
 		/* -- free: alerts -- */
+		auth_github_free();
 		/* -- free: github -- */
+		privacy_purge_stop();
 		/* -- free: members -- */
+		aws_worker_free();
 		/* -- free: awsclient -- */
+		creds_worker_free();
 		/* -- free: creds -- */
+		scan_worker_free();
 		/* -- free: scans -- */
 		auth_worker_free();
 		vault_worker_free();
 		audit_shutdown();
 		db_pool_free(w->db);
+		w->db = NULL; /* the tick below must not reach the freed pool */
 	}
+	event_del(w->ev_tick);
 	if (w->ev_checkpoint != NULL)
 		event_free(w->ev_checkpoint);
 	/* Run the deferred frees the teardown scheduled. */

@@ -134,12 +134,138 @@ const struct config_option config_options[] = {
 	    "Directory of the vault's key-encryption keys (kek-1, kek-2, ... mode 0600); "
 	    "with the environment variable CLOUDSWEEP_VAULT_KEKS also or instead. Required "
 	    "with a database."),
+	OPT(alert_rules_file, CONFIG_PATH, "", 0, 0, false,
+	    "JSON file of security alert rules (doc/alerts.md); empty: the built-in defaults."),
+	OPT(alert_interval_s, CONFIG_INT, "10", 1, 3600, false,
+	    "How often each worker evaluates the alert rules over new audit events, seconds."),
+	OPT(alert_webhook_url, CONFIG_STRING, "", 0, 0, false,
+	    "URL that receives each new alert as a signed JSON POST (https; http only to a "
+	    "loopback address); empty: no webhook."),
+	OPT(alert_webhook_secret_file, CONFIG_PATH, "", 0, 0, false,
+	    "File holding the HMAC-SHA256 key (16+ bytes) that signs alert webhook bodies; "
+	    "required with alert_webhook_url."),
+	OPT(alert_webhook_ca_file, CONFIG_PATH, "", 0, 0, false,
+	    "PEM bundle of CAs trusted for the alert webhook; empty: the system store."),
+	OPT(audit_retention_days, CONFIG_INT, "365", 0, 36500, false,
+	    "Audit events older than this many days are pruned (after a signed retention "
+	    "anchor); 0 prunes everything before the job runs (tests only)."),
+	OPT(alert_retention_days, CONFIG_INT, "90", 0, 36500, false,
+	    "Security alerts older than this many days are deleted."),
+	OPT(retention_interval_s, CONFIG_INT, "86400", 1, 604800, false,
+	    "How often the retention job runs, seconds (one worker at a time)."),
+	OPT(org_limits_refresh_s, CONFIG_INT, "30", 1, 3600, false,
+	    "How long a worker trusts its copy of the per-organization rate tiers "
+	    "(orgs.rate_limit_per_min), seconds."),
 	/* -- options: alerts -- */
+	OPT(mfa_issuer, CONFIG_STRING, "CloudSweep", 0, 0, true,
+	    "Issuer named in TOTP enrollment URIs (what authenticator apps show); 1-256 bytes, "
+	    "no colon."),
 	/* -- options: mfa -- */
+	OPT(github_client_id, CONFIG_STRING, "", 0, 0, false,
+	    "Client id of the GitHub OAuth app; empty turns GitHub login off (404)."),
+	OPT(github_client_secret_file, CONFIG_PATH, "", 0, 0, false,
+	    "File holding the GitHub OAuth app's client secret (required with a client id)."),
+	OPT(github_web_url, CONFIG_STRING, "https://github.com", 0, 0, false,
+	    "GitHub's web base URL (authorize and token endpoints); GitHub Enterprise Server "
+	    "works the same way."),
+	OPT(github_api_url, CONFIG_STRING, "https://api.github.com", 0, 0, false,
+	    "GitHub's REST API base URL (/user, /user/emails)."),
+	OPT(github_redirect_url, CONFIG_STRING, "", 0, 0, false,
+	    "The OAuth callback URL registered with the GitHub app "
+	    "(https://HOST/api/v1/auth/github/callback); required with a client id."),
+	OPT(github_app_url, CONFIG_STRING, "/", 0, 0, false,
+	    "Where the browser is sent after a GitHub login (errors add ?github_error=CODE)."),
+	OPT(github_webhook_secret_file, CONFIG_PATH, "", 0, 0, false,
+	    "File holding the GitHub webhook secret; empty: every delivery is refused (401)."),
+	OPT(github_ca_file, CONFIG_PATH, "", 0, 0, false,
+	    "PEM CA bundle trusted for the calls to GitHub instead of the system store; empty: "
+	    "the system store."),
 	/* -- options: github -- */
+	OPT(purge_after_days, CONFIG_INT, "30", 0, 3650, true,
+	    "Days after a user deletes their account before the purge job hard-deletes its "
+	    "personal data (email, name, password hash, GitHub link, sessions, MFA)."),
+	OPT(purge_interval_s, CONFIG_INT, "3600", 1, 86400, false,
+	    "How often each worker runs the purge job for deleted accounts, seconds."),
 	/* -- options: members -- */
+	OPT(aws_max_in_flight, CONFIG_INT, "256", 1, 100000, false,
+	    "AWS API requests outstanding at once per worker, all accounts together."),
+	OPT(aws_max_in_flight_per_account, CONFIG_INT, "64", 1, 100000, false,
+	    "AWS API requests outstanding at once per worker for one AWS account, so one large "
+	    "customer cannot starve the rest."),
+	OPT(aws_read_rate, CONFIG_INT, "100", 1, 1000000, false,
+	    "Non-mutating (Describe/List/Get) calls per second per account, service and region "
+	    "(token bucket refill; AWS's published EC2 bucket is 100 refilled at 20/s)."),
+	OPT(aws_read_burst, CONFIG_INT, "100", 1, 1000000, false,
+	    "Token bucket size for non-mutating calls per account, service and region."),
+	OPT(aws_write_rate, CONFIG_INT, "50", 1, 1000000, false,
+	    "Mutating calls per second per account, service and region (token bucket refill)."),
+	OPT(aws_write_burst, CONFIG_INT, "50", 1, 1000000, false,
+	    "Token bucket size for mutating calls per account, service and region."),
+	OPT(aws_attempts, CONFIG_INT, "5", 1, 50, false,
+	    "Tries per AWS call (throttling, 5xx, timeouts and resets are retried with "
+	    "exponential backoff and full jitter; other 4xx never)."),
+	OPT(aws_deadline_ms, CONFIG_INT, "30000", 100, MS_MAX, false,
+	    "Deadline of one AWS call, retries and waiting for rate limits included."),
+	OPT(aws_attempt_timeout_ms, CONFIG_INT, "10000", 100, MS_MAX, false,
+	    "Timeout of one try of an AWS call, so a hung connection is retried."),
+	OPT(aws_max_response_bytes, CONFIG_INT, "16777216", 1024, 1073741824LL, false,
+	    "Largest AWS response body accepted."),
+	OPT(aws_ca_file, CONFIG_PATH, "", 0, 0, false,
+	    "PEM CA bundle for AWS endpoints; empty: AWS_CA_BUNDLE, else the system store."),
+	OPT(aws_endpoint_url, CONFIG_STRING, "", 0, 0, false,
+	    "Endpoint for every AWS service (http:// allowed for emulators); empty: "
+	    "AWS_ENDPOINT_URL, else the real regional endpoints."),
+	OPT(aws_endpoint_urls, CONFIG_STRING, "", 0, 0, false,
+	    "Per-service endpoints as space-separated SDK_ID=URL pairs (EC2, STS, RDS, "
+	    "ELASTIC_LOAD_BALANCING, ELASTIC_LOAD_BALANCING_V2, CLOUDWATCH, KMS); they win over "
+	    "aws_endpoint_url and over AWS_ENDPOINT_URL_<SDK_ID>."),
+	OPT(aws_credentials_file, CONFIG_PATH, "", 0, 0, false,
+	    "CloudSweep's own AWS keys (aws_access_key_id, aws_secret_access_key, "
+	    "aws_session_token lines, mode 0600) used to assume customers' roles; empty: "
+	    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN."),
+	OPT(aws_sts_refresh_before_s, CONFIG_INT, "300", 0, 43200, false,
+	    "Cached role credentials are renewed this many seconds before they expire."),
 	/* -- options: awsclient -- */
+	OPT(aws_regions, CONFIG_STRING,
+	    "us-east-1 us-east-2 us-west-1 us-west-2 af-south-1 ap-east-1 ap-south-1 ap-south-2 "
+	    "ap-southeast-1 ap-southeast-2 ap-southeast-3 ap-southeast-4 ap-northeast-1 "
+	    "ap-northeast-2 ap-northeast-3 ca-central-1 ca-west-1 eu-central-1 eu-central-2 "
+	    "eu-west-1 eu-west-2 eu-west-3 eu-south-1 eu-south-2 eu-north-1 il-central-1 "
+	    "me-south-1 me-central-1 sa-east-1",
+	    0, 0, false,
+	    "Allow-list of AWS regions an account may name (space or comma separated); the "
+	    "default is the commercial (aws partition) regions."),
+	OPT(aws_verify_on_create, CONFIG_INT, "1", 0, 1, true,
+	    "1: POST /aws-accounts also runs the onboarding check (AssumeRole, wrong-external-id "
+	    "probe) once it is available; 0: only POST /aws-accounts/{id}/verify does."),
+	OPT(rewrap_batch, CONFIG_INT, "200", 1, 10000, false,
+	    "Stored data keys re-wrapped per transaction after a key rotation."),
+	OPT(rewrap_interval_s, CONFIG_INT, "10", 1, 86400, false,
+	    "How often each worker looks for data keys still on an old key version, seconds "
+	    "(batches follow each other at once while there are some)."),
+	OPT(vault_provider, CONFIG_STRING, "file", 0, 0, false,
+	    "Where key-encryption keys come from: file (vault_key_dir and/or "
+	    "CLOUDSWEEP_VAULT_KEKS). kms (AWS KMS) is planned and refused for now."),
 	/* -- options: creds -- */
+	OPT(scan_lease_s, CONFIG_INT, "30", 3, 3600, false,
+	    "Lease a worker holds on a scan unit, seconds; renewed every third of it. A unit "
+	    "whose worker died is claimed again once its lease lapses."),
+	OPT(scan_max_attempts, CONFIG_INT, "3", 1, 100, false,
+	    "Claims of one unit before a unit whose workers keep dying is failed."),
+	OPT(scan_max_running, CONFIG_INT, "256", 1, 1000000, false,
+	    "Units running at once across every worker and instance."),
+	OPT(scan_max_running_per_org, CONFIG_INT, "32", 1, 1000000, false,
+	    "Units of one organization running at once across every worker and instance."),
+	OPT(scan_worker_units, CONFIG_INT, "16", 1, 10000, false, "Units one worker runs at once."),
+	OPT(scan_unit_detectors, CONFIG_INT, "4", 1, 64, false, "Detectors one unit runs at once."),
+	OPT(scan_max_items_per_unit, CONFIG_INT, "10000", 1, 1000000, false,
+	    "Waste items one unit may record; further findings are dropped."),
+	OPT(scan_poll_s, CONFIG_INT, "5", 1, 3600, false,
+	    "Slow poll for queued units and lapsed leases, seconds (claims are NOTIFY driven)."),
+	OPT(scan_longpoll_max, CONFIG_INT, "20000", 1, 10000000, false,
+	    "Long polls one worker keeps parked; more are answered 503."),
+	OPT(scan_prices_file, CONFIG_PATH, "", 0, 0, false,
+	    "The price table (prices.json); empty: data/prices.json next to sql_dir."),
 	/* -- options: scans -- */
 	{ NULL, 0, NULL, 0, 0, false, 0, NULL },
 };

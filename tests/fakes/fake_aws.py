@@ -278,6 +278,8 @@ class State:
             self.fault_rng = random.Random(0)
             self.calls = []
             self.call_seq = 0
+            self.in_flight = getattr(self, "in_flight", 0)  # requests being served now
+            self.max_in_flight = 0  # the most served at once since the last reset
             old = getattr(self, "release", None)
             self.release = threading.Event()
             if old is not None:
@@ -2109,10 +2111,17 @@ class Handler(BaseHTTPRequestHandler):
         if req.path.startswith("/__fake/"):
             self.control(req)
             return
+        state = self.server.state
+        with state.lock:
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
             self.aws(req)
         except DropConnection:
             pass
+        finally:
+            with state.lock:
+                state.in_flight -= 1
 
     # -- control API ----------------------------------------------------------------------
 
@@ -2150,7 +2159,12 @@ class Handler(BaseHTTPRequestHandler):
             elif route in (("DELETE", "/__fake/calls"), ("POST", "/__fake/calls/clear")):
                 with state.lock:
                     state.calls = []
+                    state.max_in_flight = state.in_flight
                 out = {"ok": True}
+            elif route == ("GET", "/__fake/stats"):
+                with state.lock:
+                    out = {"in_flight": state.in_flight, "max_in_flight": state.max_in_flight,
+                           "calls": state.call_seq}
             elif route == ("GET", "/__fake/state"):
                 out = json.loads(json.dumps(state.snapshot(), default=str))
             elif route == ("POST", "/__fake/expire-credentials"):
@@ -2393,6 +2407,11 @@ def main(argv=None):
     ap.add_argument("--kms-seed", default="cloudsweep",
                     help="derives the fake's KMS master key (same seed, same key)")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--faults",
+                    help="JSON file of fault rules to start with (as POST /__fake/faults)")
+    ap.add_argument("--reuse-port", action="store_true",
+                    help="bind with SO_REUSEPORT, so several fakes (same --seed/--faults) can "
+                         "share the ports for benchmarks; each keeps its own state")
     args = ap.parse_args(argv)
 
     threading.stack_size(512 * 1024)
@@ -2400,6 +2419,11 @@ def main(argv=None):
     if args.seed:
         with open(args.seed) as f:
             state.seed(json.load(f))
+    if args.faults:
+        with open(args.faults) as f:
+            doc = json.load(f)
+        state.faults = [dict(r) for r in (doc if isinstance(doc, list) else doc.get("faults", []))]
+    Server.allow_reuse_port = args.reuse_port
     servers = [Server((args.host, args.http_port), state, verbose=args.verbose)]
     https_port = None
     if args.https_port is not None:

@@ -491,6 +491,11 @@ class Server:
             f"(last: {last!r})\n" + self.diagnostics()
         )
 
+    def wait_ready(self, timeout=15):
+        """Until GET /ready answers 200: database connected, revocations mirrored."""
+        wait_until(lambda: self.get("/ready", timeout=2).status == 200, timeout,
+                   what="GET /ready 200")
+
     def diagnostics(self):
         return (
             f"--- config {self.conf}:\n{self.conf.read_text()}"
@@ -723,6 +728,14 @@ def pg(workdir, tls_files, secret_files):
         )
     yield p
     p.stop(mode="immediate")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_limits(pg):
+    """Each test file starts with empty rate buckets and no login blocks: failed logins
+    of one file must not block the next one's logins from 127.0.0.1."""
+    pg.psql("DELETE FROM rate_buckets; DELETE FROM login_failures; DELETE FROM ip_blocks",
+            db=pg.dbname)
 
 
 @pytest.fixture

@@ -118,7 +118,10 @@ def test_wrong_password_and_unknown_email_look_the_same(srv, pg):
     assert rows, "failed logins are audited"
     dump = json.dumps(rows)
     assert "wrong password" not in dump and email not in dump
-    assert all(r["details"]["email"].startswith("hmac-sha256:") for r in rows)
+    # (GitHub sign-in failures, written by other tests, name no email.)
+    emailed = [r for r in rows if "email" in r["details"]]
+    assert len(emailed) >= 2
+    assert all(r["details"]["email"].startswith("hmac-sha256:") for r in emailed)
 
 
 def test_lockout_after_repeated_failures(srv, pg):
@@ -246,7 +249,8 @@ def test_rbac_and_audit_scoping(srv, pg):
     assert r.status == 200, r
     page = r.json()
     assert len(page["items"]) == 2 and page["next_cursor"]
-    assert all(i["event_type"].startswith("auth.") for i in page["items"])
+    # The viewer's 403 above is itself audited (access.permission_denied).
+    assert all(i["event_type"].startswith(("auth.", "access.")) for i in page["items"])
     r = srv.get(f"/api/v1/audit?cursor={page['next_cursor']}", headers=bearer(owner_tok))
     assert r.status == 200 and r.json()["items"]
     # Only this org's events, never another's.
