@@ -13,6 +13,7 @@
 
 #include "cloudsweep/creds.h"
 #include "cloudsweep/db.h"
+#include "cloudsweep/http.h"
 #include "cloudsweep/log.h"
 #include "cloudsweep/net.h"
 #include "cloudsweep/worker.h"
@@ -28,6 +29,7 @@ static void usage(FILE *fp)
 	            "  (none)         serve HTTPS\n"
 	            "  migrate        apply the SQL migrations in sql_dir and exit\n"
 	            "  config-sample  print the documented sample configuration\n"
+	            "  routes         print every route with its permission (JSON)\n"
 	            "  keys list|rotate|retire N\n"
 	            "                 show, add or retire vault key-encryption-key versions\n"
 	            "  version        print the version\n"
@@ -38,6 +40,33 @@ static void usage(FILE *fp)
 	            "  -d, --debug         log at debug level\n"
 	            "  -p, --port N        listen on port N\n"
 	            "  -w, --workers N     number of worker processes (0: one per core)\n");
+}
+
+/* `cloudsweepd routes`: the API as the workers serve it, for tests and operators. */
+static int print_routes(void)
+{
+	static struct worker none; /* no reactor, no database: registration only */
+	struct router *r = router_new();
+	json_t *list = json_array();
+	int rc = 0;
+
+	cs_worker = &none;
+	http_core_routes(r);
+	worker_routes(r);
+	for (int i = 0; i < router_count(r); i++) {
+		const struct route *rt = router_route(r, i);
+
+		json_array_append_new(list,
+		                      json_pack("{s:s, s:s, s:s?, s:b, s:b}", "method", rt->method,
+		                                "pattern", rt->pattern, "perm", rt->perm, "public",
+		                                (rt->flags & ROUTE_PUBLIC) != 0, "self",
+		                                (rt->flags & ROUTE_SELF) != 0));
+	}
+	if (json_dumpf(list, stdout, JSON_INDENT(1)) == -1 || fputc('\n', stdout) == EOF)
+		rc = 1;
+	json_decref(list);
+	router_free(r);
+	return rc;
 }
 
 int main(int argc, char **argv)
@@ -98,6 +127,8 @@ int main(int argc, char **argv)
 		config_write_sample(stdout);
 		return 0;
 	}
+	if (strcmp(command, "routes") == 0)
+		return print_routes();
 	if (strcmp(command, "serve") != 0 && strcmp(command, "migrate") != 0) {
 		fprintf(stderr, "cloudsweepd: unknown command \"%s\"\n", command);
 		usage(stderr);

@@ -6,7 +6,7 @@
 # same number of worker processes, database pool size, certificate, secret
 # and database. Prints requests/s and latency percentiles of each.
 #
-# usage: contrib/bench/me.sh [workers] [seconds]
+# usage: [CS_BINARY=build-rel/cloudsweepd] contrib/bench/me.sh [workers] [seconds]
 # Needs: `contrib/cloudsweep-dev up` run once (build, private Postgres, dev
 # secrets, the first owner account; Postgres keeps running after `up` ends),
 # wrk and nodejs/npm (Debian), and the npm registry for the Fastify side
@@ -29,7 +29,7 @@ var=$top/var
 CLOUDSWEEP_PID_FILE=$tmp/cs.pidfile CLOUDSWEEP_LOG_LEVEL=warn CLOUDSWEEP_DB_POOL_SIZE=$pool \
 CLOUDSWEEP_MAX_CONNECTIONS_PER_IP=100000 CLOUDSWEEP_RATELIMIT_USER_PER_MIN=100000000 \
 CLOUDSWEEP_RATELIMIT_GLOBAL_PER_MIN=1000000000 CLOUDSWEEP_RATELIMIT_ANON_PER_MIN=100000 \
-	"$top/build/cloudsweepd" -c "$var/cloudsweepd.conf" --port 18443 --workers "$workers" \
+	"${CS_BINARY:-$top/build/cloudsweepd}" -c "$var/cloudsweepd.conf" --port 18443 --workers "$workers" \
 	2>"$tmp/cs.log" &
 echo $! >"$tmp/cs.pid"
 for _ in $(seq 100); do
@@ -66,6 +66,7 @@ for c in 64 256; do
 		curl -skf -H "Authorization: Bearer $token" "$2" >/dev/null ||
 			{ echo "$1 does not answer GET /api/v1/me" >&2; exit 1; }
 		wrk -t2 -c"$c" -d"${secs}s" --latency -H "Authorization: Bearer $token" "$2" >"$tmp/$1.out"
+		[ -n "${BENCH_KEEP:-}" ] && cp "$tmp/$1.out" "$BENCH_KEEP.$1.$c"
 		rps=$(awk '/Requests\/sec/ {print $2}' "$tmp/$1.out")
 		p50=$(awk '/^ +50%/ {print $2}' "$tmp/$1.out")
 		p99=$(awk '/^ +99%/ {print $2}' "$tmp/$1.out")

@@ -115,6 +115,9 @@ struct config {
 	long long rewrap_interval_s;
 	char *vault_provider; /* owned; "file" ("kms" later) */
 	/* -- fields: creds -- */
+	char *vault_kms_key_id; /* owned; vault_provider = kms */
+	char *vault_kms_region; /* owned */
+	/* -- fields: verify -- */
 	long long scan_lease_s;
 	long long scan_max_attempts;
 	long long scan_max_running;
@@ -126,6 +129,10 @@ struct config {
 	long long scan_longpoll_max;
 	char *scan_prices_file; /* owned */
 	/* -- fields: scans -- */
+	long long cleanup_max_items_per_request;
+	long long cleanup_max_items_per_day;
+	long long cleanup_grace_days;
+	/* -- fields: cleanup -- */
 
 	/* Derived by config_finish(); secrets are wiped by config_free(). */
 	char *db_password;   /* owned secret, or NULL */

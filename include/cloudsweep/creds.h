@@ -113,12 +113,14 @@ bool creds_region_allowed(const char *region);
  * allow-list; 0, or -1 with err set. Run by `-n`, serving and `keys`.
  */
 int creds_config_check(const struct config *cfg, char *err, size_t errlen) CS_WUR;
+/* Register the aws-accounts, provider-credentials and admin key routes. */
+void creds_routes(struct router *r);
 /*
- * Per-worker start-up: prepare statements, register the routes, LISTEN on
- * cs_vault, start the re-wrap timer. 0, or -1 (logged).
+ * Per-worker start-up: prepare statements, LISTEN on cs_vault, start the
+ * re-wrap timer. 0, or -1 (logged).
  */
-int creds_worker_init(struct event_base *base, const struct config *cfg, struct db_pool *pool,
-                      struct router *r) CS_WUR;
+int creds_worker_init(struct event_base *base, const struct config *cfg,
+                      struct db_pool *pool) CS_WUR;
 /* Per-worker teardown: the re-wrap job and subscriptions cancelled. */
 void creds_worker_free(void);
 

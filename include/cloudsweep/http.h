@@ -163,6 +163,10 @@ void http_dispatch(struct http_request *req);
 struct router *router_new(void);
 /* Free a router and its routes. */
 void router_free(struct router *r);
+/* Number of routes registered on r. */
+int router_count(const struct router *r);
+/* Route i (0 <= i < router_count), in registration order. */
+const struct route *router_route(const struct router *r, int i);
 /* Add a route; pattern segments "{name}" match one path segment. Returns the route. */
 const struct route *router_add(struct router *r, const char *method, const char *pattern,
                                http_handler_fn handler, unsigned flags);

@@ -44,7 +44,7 @@
 #include "cloudsweep/db.h"
 #include "cloudsweep/util.h"
 
-#define RL_LEASE_CAP           10   /* most tokens a worker leases from one bucket at once */
+#define RL_LEASE_CAP           100  /* most tokens a worker leases from one bucket at once */
 #define RL_LEASE_TTL_MS        1000 /* unspent leased tokens are dropped after this */
 #define RL_BLOCK_CACHE_MS      1000 /* staleness bound of the per-worker block cache */
 #define RL_SWEEP_MIN           1024 /* local entries kept before idle ones are swept */

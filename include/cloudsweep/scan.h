@@ -49,6 +49,7 @@ bool scan_check_known(const char *name);
 /* ---- detectors ---- */
 
 struct scan_unit;
+struct aws_credentials;
 
 /*
  * One detector running in one unit. The executor owns it; the detector
@@ -56,13 +57,14 @@ struct scan_unit;
  * functions below. After scan_run_done (or after cancel) the run is gone.
  */
 struct scan_detector_run {
-	const struct scan_detector *det; /* borrowed; the table entry */
-	struct scan_unit *unit;          /* borrowed; the unit this run belongs to */
-	const char *org_id;              /* borrowed from the unit */
-	const char *account_id;          /* borrowed from the unit */
-	const char *region;              /* borrowed from the unit */
-	const json_t *settings;          /* borrowed; the scan's thresholds (defaults merged) */
-	void *state;                     /* the detector's own; it frees it in done/cancel */
+	const struct scan_detector *det;     /* borrowed; the table entry */
+	struct scan_unit *unit;              /* borrowed; the unit this run belongs to */
+	const char *org_id;                  /* borrowed from the unit */
+	const char *account_id;              /* borrowed from the unit */
+	const char *region;                  /* borrowed from the unit */
+	const json_t *settings;              /* borrowed; the scan's thresholds (defaults merged) */
+	const struct aws_credentials *creds; /* borrowed from the unit; signs its AWS calls */
+	void *state;                         /* the detector's own; it frees it in done/cancel */
 };
 
 /*
@@ -100,8 +102,42 @@ int scan_run_item(struct scan_detector_run *run, const char *type, const char *r
 /* Record that check could not run (throttled, access denied): the unit ends partial. */
 void scan_run_skipped(struct scan_detector_run *run, const char *check, const char *code,
                       const char *message);
+/* Note something about check that is not a failure (insufficient data); the unit stays ok. */
+void scan_run_note(struct scan_detector_run *run, const char *check, const char *code,
+                   const char *message);
 /* The run finished (status 0, or -1: its remaining checks are recorded as failed). */
 void scan_run_done(struct scan_detector_run *run, int status);
+
+/* ---- AWS sessions ---- */
+
+struct aws_owned_credentials;
+struct scan_session;
+
+/*
+ * The outcome of a session: status 0 with creds (the caller owns the struct
+ * and its strings: aws_owned_credentials_clear, then free), or -1 with
+ * error_code ("account_not_found", "unavailable", "credentials_error",
+ * "no_base_credentials", AWS's code such as "AccessDenied") and a message
+ * that holds no secret, and creds NULL. The session is gone once cb runs.
+ */
+typedef void (*scan_session_cb)(void *arg, int status, const char *error_code,
+                                const char *error_message,
+                                struct aws_owned_credentials *creds /* caller owns */);
+
+/*
+ * Credentials to call AWS in region for account aws_account_uuid of org_id:
+ * creds_load(purpose) (audited credential.read; purpose as creds_load takes
+ * it: a scan id, "scan:<id>", "cleanup:<item id>"), then for a role
+ * aws_sts_assume_role through the worker's STS cache (RoleSessionName = the
+ * purpose's kind, SourceIdentity = org_id), for a key pair the keys. cb
+ * always runs from the event loop. NULL (no callback) on bad arguments or
+ * when the database pool is unavailable.
+ */
+struct scan_session *scan_session_start(struct db_pool *pool, const char *org_id,
+                                        const char *aws_account_uuid, const char *purpose,
+                                        const char *region, scan_session_cb cb, void *arg);
+/* Forget a pending session: cb never runs. */
+void scan_session_cancel(struct scan_session *s);
 
 /* ---- pricing ---- */
 
@@ -159,13 +195,15 @@ int pricing_rds_monthly(const struct pricing *p, const char *region, const char 
 /* The worker's price table (NULL before scan_worker_init). */
 const struct pricing *scan_prices(void);
 
+/* Register the scan, waste-item, cleanup and report routes. */
+void scan_routes(struct router *r);
 /*
- * Start scanning on this worker: load the price table, register the scan,
- * waste-item and report routes on r, LISTEN cs_scan (long polls) and
- * cs_scan_work (claims), and arm the slow reclaim poll. 0 or -1 (logged).
+ * Start scanning on this worker: load the price table, LISTEN cs_scan (long
+ * polls) and cs_scan_work (claims), and arm the slow reclaim poll. 0 or -1
+ * (logged).
  */
-int scan_worker_init(struct event_base *base, const struct config *cfg, struct db_pool *pool,
-                     struct router *r) CS_WUR;
+int scan_worker_init(struct event_base *base, const struct config *cfg,
+                     struct db_pool *pool) CS_WUR;
 /* Stop: cancel running units (their leases lapse), answer parked polls, free everything. */
 void scan_worker_free(void);
 

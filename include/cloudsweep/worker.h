@@ -39,6 +39,14 @@ extern struct worker *cs_worker;
  * Run worker id on listen_fd with the shared TLS context until drained;
  * writes its id as one byte to ready_fd once it serves. Returns the exit status.
  */
+struct router;
+/*
+ * Register every API route (identity, alerts and admin, vault, scanning) on
+ * r: the one table the workers serve and `cloudsweepd routes` prints. The
+ * core routes (/health, /ready, /metrics) are http_core_routes'.
+ */
+void worker_routes(struct router *r);
+
 int worker_run(int id, struct config *cfg, const char *config_path, int listen_fd, SSL_CTX *ctx,
                struct metrics_shared *metrics, int ready_fd);
 

@@ -114,6 +114,14 @@ static void worker_checkpoint_cb(evutil_socket_t fd, short what, void *arg)
 		w->checkpoint = audit_checkpoint_sign(w->db, worker_checkpoint_done_cb, w);
 }
 
+void worker_routes(struct router *r)
+{
+	auth_routes(r);
+	alerts_routes(r);
+	creds_routes(r);
+	scan_routes(r);
+}
+
 int worker_run(int id, struct config *cfg, const char *config_path, int listen_fd, SSL_CTX *ctx,
                struct metrics_shared *metrics, int ready_fd)
 {
@@ -156,10 +164,8 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 			fatalx("auth_init", "cannot start authentication");
 		router_use(w->router, auth_mw_authenticate);
 		router_use(w->router, auth_mw_ratelimit);
-		auth_routes(w->router);
 		if (alerts_worker_init(w->base, cfg, w->db) == -1)
 			fatalx("alerts_init", "cannot start security alerts (alert_* options)");
-		alerts_routes(w->router);
 		/* -- init: alerts -- */
 		if (auth_github_init(w->base, cfg) == -1)
 			fatalx("github_init", "cannot start GitHub sign-in (github_* options)");
@@ -169,12 +175,13 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 		if (aws_worker_init(w->base, cfg) == -1)
 			fatalx("aws_init", "cannot start the AWS client (aws_* options)");
 		/* -- init: awsclient -- */
-		if (creds_worker_init(w->base, cfg, w->db, w->router) == -1)
+		if (creds_worker_init(w->base, cfg, w->db) == -1)
 			fatalx("creds_init", "cannot start the credential store (aws_regions)");
 		/* -- init: creds -- */
-		if (scan_worker_init(w->base, cfg, w->db, w->router) == -1)
+		if (scan_worker_init(w->base, cfg, w->db) == -1)
 			fatalx("scan_init", "cannot start scanning (scan_prices_file)");
 		/* -- init: scans -- */
+		worker_routes(w->router);
 		w->ev_checkpoint = event_new(w->base, -1, EV_PERSIST, worker_checkpoint_cb, w);
 		if (w->ev_checkpoint == NULL)
 			fatalx("worker_events", "cannot create the checkpoint timer");

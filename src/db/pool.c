@@ -1165,6 +1165,8 @@ int db_pool_prepare(struct db_pool *pool, const char *name, const char *sql, int
 {
 	struct db_stmt *st;
 
+	if (pool == NULL) /* no database (`cloudsweepd routes`): nothing to prepare */
+		return 0;
 	if (name == NULL || *name == '\0' || sql == NULL || nparams < 0)
 		goto fail;
 	for (int i = 0; i < pool->nstmts; i++)

@@ -70,6 +70,16 @@ void router_free(struct router *r)
 	free(r);
 }
 
+int router_count(const struct router *r)
+{
+	return r->nroutes;
+}
+
+const struct route *router_route(const struct router *r, int i)
+{
+	return r->routes[i];
+}
+
 const struct route *router_add(struct router *r, const char *method, const char *pattern,
                                http_handler_fn handler, unsigned flags)
 {

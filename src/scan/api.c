@@ -568,8 +568,13 @@ static void scan_term_cb(evutil_socket_t sig, short what, void *arg)
 	scan_longpoll_stop();
 }
 
-int scan_worker_init(struct event_base *base, const struct config *cfg, struct db_pool *pool,
-                     struct router *r)
+void scan_routes(struct router *r)
+{
+	scan_api_routes(r);
+	scan_items_routes(r);
+}
+
+int scan_worker_init(struct event_base *base, const struct config *cfg, struct db_pool *pool)
 {
 	char err[512];
 	char *path = NULL;
@@ -590,8 +595,6 @@ int scan_worker_init(struct event_base *base, const struct config *cfg, struct d
 		log_warnx("scan_init", "cannot load the price table: %s", err);
 		return -1;
 	}
-	scan_api_routes(r);
-	scan_items_routes(r);
 	if (scan_longpoll_start() == -1 || scan_exec_start() == -1) {
 		log_warnx("scan_init", "cannot start the scan executor");
 		return -1;

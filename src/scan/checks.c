@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cloudsweep/scan.h"
+#include "detect_int.h"
 #include "scan_int.h"
 
 const struct scan_check scan_checks[] = {
@@ -37,11 +38,13 @@ bool scan_check_known(const char *name)
 	return false;
 }
 
-/* The detectors come with the AWS client; the sentinel keeps the array non-empty. */
+/* One entry per detector; each runs in every unit that asked for one of its checks. */
 const struct scan_detector scan_detectors[] = {
-	{ NULL, NULL, NULL, NULL, NULL },
+	{ "ec2", "ec2", detect_ec2_checks, detect_ec2_start, det_cancel },
+	{ "elb", "elbv2", detect_elb_checks, detect_elb_start, det_cancel },
+	{ "rds", "rds", detect_rds_checks, detect_rds_start, det_cancel },
 };
-const size_t scan_detectors_count = 0;
+const size_t scan_detectors_count = CS_ARRAY_LEN(scan_detectors);
 
 /* Thresholds a scan may override, with their defaults and bounds. */
 const struct scan_setting scan_settings[] = {

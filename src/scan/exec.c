@@ -19,27 +19,33 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cloudsweep/aws.h"
 #include "cloudsweep/log.h"
 #include "scan_int.h"
 
 #define SCAN_UNIT_MAX_ERRORS 50 /* errors kept per unit */
 #define SCAN_FINISH_RETRY_S  2  /* pause before retrying a failed final write */
 #define SCAN_LEASE_TOKEN_MAX 64
+#define SCAN_SESSION_TRIES   5 /* credential loads tried while the database is busy */
 
 enum scan_unit_state {
+	SCAN_UNIT_SESSION,   /* the account's credentials are being loaded (and a role assumed) */
 	SCAN_UNIT_RUNNING,   /* detectors run (or are about to start) */
 	SCAN_UNIT_FINISHING, /* the final write is in flight (or waits to be retried) */
 	SCAN_UNIT_DONE,      /* written, or given up; freed once the stack unwinds */
 };
 
 enum scan_unit_event {
-	SCAN_UNIT_EV_KICK,         /* start more detectors, or finish when all are done */
-	SCAN_UNIT_EV_HEARTBEAT,    /* time to renew the lease */
-	SCAN_UNIT_EV_HEARTBEAT_OK, /* the lease was renewed */
-	SCAN_UNIT_EV_LEASE_LOST,   /* a write found the lease taken over or the unit gone */
-	SCAN_UNIT_EV_WRITTEN,      /* the final write committed */
-	SCAN_UNIT_EV_WRITE_FAILED, /* the final write failed; retry while the lease lasts */
-	SCAN_UNIT_EV_STOP,         /* the worker stops */
+	SCAN_UNIT_EV_KICK,           /* start more detectors, or finish when all are done */
+	SCAN_UNIT_EV_SESSION_OK,     /* credentials are ready: start the detectors */
+	SCAN_UNIT_EV_SESSION_FAILED, /* no credentials: the unit fails with the reason */
+	SCAN_UNIT_EV_SESSION_RETRY,  /* the database was busy: load the credentials again */
+	SCAN_UNIT_EV_HEARTBEAT,      /* time to renew the lease */
+	SCAN_UNIT_EV_HEARTBEAT_OK,   /* the lease was renewed */
+	SCAN_UNIT_EV_LEASE_LOST,     /* a write found the lease taken over or the unit gone */
+	SCAN_UNIT_EV_WRITTEN,        /* the final write committed */
+	SCAN_UNIT_EV_WRITE_FAILED,   /* the final write failed; retry while the lease lasts */
+	SCAN_UNIT_EV_STOP,           /* the worker stops */
 };
 
 struct scan_unit {
@@ -58,11 +64,16 @@ struct scan_unit {
 	struct db_query *q;         /* the pending heartbeat or final write, or NULL */
 	bool q_is_heartbeat;        /* which one q is */
 	long long api_calls;
-	json_t *items;   /* owned; [{type, resource_id, details, cost}] */
-	json_t *errors;  /* owned; [{check, code, message}] */
-	bool skipped;    /* a check was skipped: the unit ends partial */
-	bool run_failed; /* a detector failed: the unit ends partial */
-	int pending_ev;  /* the event ev_kick delivers */
+	json_t *items;                       /* owned; [{type, resource_id, details, cost}] */
+	json_t *errors;                      /* owned; [{check, code, message}] */
+	bool skipped;                        /* a check was skipped: the unit ends partial */
+	bool run_failed;                     /* a detector failed: the unit ends partial */
+	bool no_session;                     /* no credentials: the unit ends failed */
+	int session_tries;                   /* credential loads started */
+	struct scan_session *session;        /* the pending session, or NULL */
+	struct aws_owned_credentials *creds; /* owned; wiped in scan_unit_free */
+	struct aws_credentials view;         /* borrowed view of creds the runs sign with */
+	int pending_ev;                      /* the event ev_kick delivers */
 };
 
 struct scan_exec {
@@ -79,6 +90,7 @@ struct scan_exec {
 static struct scan_exec ex;
 
 static void scan_unit_advance(struct scan_unit *u, enum scan_unit_event ev);
+static void scan_unit_open_session(struct scan_unit *u);
 static void scan_exec_claim_soon(void);
 
 /* ---- reporting from detectors ---- */
@@ -128,6 +140,12 @@ int scan_run_item(struct scan_detector_run *run, const char *type, const char *r
 		return -1;
 	json_array_append_new(u->items, it);
 	return 0;
+}
+
+void scan_run_note(struct scan_detector_run *run, const char *check, const char *code,
+                   const char *message)
+{
+	scan_unit_error(run->unit, check, code, message);
 }
 
 void scan_run_skipped(struct scan_detector_run *run, const char *check, const char *code,
@@ -208,6 +226,12 @@ static void scan_unit_free(struct scan_unit *u)
 	}
 	if (u->q != NULL)
 		db_query_cancel(u->q);
+	if (u->session != NULL)
+		scan_session_cancel(u->session);
+	if (u->creds != NULL) {
+		aws_owned_credentials_clear(u->creds);
+		free(u->creds);
+	}
 	if (u->prev != NULL)
 		u->prev->next = u->next;
 	else if (ex.units == u)
@@ -260,7 +284,9 @@ static void scan_unit_send_finish(struct scan_unit *u)
 	char calls[24], nitems[24];
 	char *errors = json_dumps(u->errors, JSON_COMPACT);
 	char *items = json_dumps(u->items, JSON_COMPACT);
-	const char *status = u->skipped || u->run_failed ? "partial" : "succeeded";
+	const char *status = u->no_session                 ? "failed"
+	                     : u->skipped || u->run_failed ? "partial"
+	                                                   : "succeeded";
 	const char *p[7] = { u->id, u->lease, status, calls, nitems, errors, items };
 
 	snprintf(calls, sizeof(calls), "%lld", u->api_calls);
@@ -317,6 +343,20 @@ static void scan_unit_advance(struct scan_unit *u, enum scan_unit_event ev)
 		if (u->state == SCAN_UNIT_FINISHING)
 			scan_unit_send_finish(u); /* the final write waited for the heartbeat */
 		return;
+	case SCAN_UNIT_EV_SESSION_OK:
+		u->state = SCAN_UNIT_RUNNING;
+		scan_unit_advance(u, SCAN_UNIT_EV_KICK);
+		return;
+	case SCAN_UNIT_EV_SESSION_RETRY:
+		if (u->state == SCAN_UNIT_SESSION)
+			scan_unit_open_session(u);
+		return;
+	case SCAN_UNIT_EV_SESSION_FAILED:
+		u->no_session = true;
+		u->next_run = u->nruns; /* nothing runs without credentials */
+		u->state = SCAN_UNIT_RUNNING;
+		scan_unit_advance(u, SCAN_UNIT_EV_KICK);
+		return;
 	case SCAN_UNIT_EV_KICK:
 		if (u->state != SCAN_UNIT_RUNNING)
 			return;
@@ -338,6 +378,61 @@ static void scan_unit_advance(struct scan_unit *u, enum scan_unit_event ev)
 		          u->account_id, u->region);
 		scan_unit_close(u, "finished");
 		return;
+	}
+}
+
+/* The database was busy: try again in a second while tries remain (the lease is still ours). */
+static bool scan_unit_session_retry(struct scan_unit *u)
+{
+	struct timeval tv = { 1, 0 };
+
+	if (u->session_tries >= SCAN_SESSION_TRIES)
+		return false;
+	u->pending_ev = SCAN_UNIT_EV_SESSION_RETRY;
+	return event_add(u->ev_kick, &tv) == 0;
+}
+
+static void scan_unit_session_cb(void *arg, int status, const char *code, const char *message,
+                                 struct aws_owned_credentials *creds)
+{
+	struct scan_unit *u = arg;
+	size_t i;
+
+	u->session = NULL;
+	if (status != 0 && strcmp(code, "unavailable") == 0 && scan_unit_session_retry(u))
+		return;
+	if (status != 0) {
+		log_warnx("scan_unit_session", "unit %s of scan %s: no credentials (%s)", u->id,
+		          u->scan_id, code);
+		scan_unit_error(u, NULL, code, message);
+		scan_unit_advance(u, SCAN_UNIT_EV_SESSION_FAILED);
+		return;
+	}
+	u->creds = creds;
+	u->view = aws_owned_credentials_view(creds);
+	for (i = 0; i < u->nruns; i++)
+		u->runs[i].creds = &u->view;
+	scan_unit_advance(u, SCAN_UNIT_EV_SESSION_OK);
+}
+
+/* Load the unit's credentials (audited under the scan's id), then run the detectors. */
+static void scan_unit_open_session(struct scan_unit *u)
+{
+	char purpose[48];
+
+	u->session_tries++;
+	snprintf(purpose, sizeof(purpose), "scan:%s", u->scan_id);
+	u->state = SCAN_UNIT_SESSION;
+	u->session = scan_session_start(scan_g.pool, u->org_id, u->account_id, purpose, u->region,
+	                                scan_unit_session_cb, u);
+	if (u->session == NULL && scan_unit_session_retry(u))
+		return;
+	if (u->session == NULL) {
+		scan_unit_error(u, NULL, "unavailable", "the credentials could not be loaded");
+		u->no_session = true;
+		u->next_run = u->nruns;
+		u->state = SCAN_UNIT_RUNNING;
+		scan_unit_later(u, SCAN_UNIT_EV_KICK);
 	}
 }
 
@@ -392,6 +487,10 @@ static void scan_unit_start(const PGresult *res, int row, const char *lease)
 	log_debug("scan_unit_started", "unit %s of scan %s (%s %s) attempt %s lease %s", u->id,
 	          u->scan_id, u->account_id, u->region, PQgetvalue(res, row, 5), u->lease);
 	scan_unit_arm_heartbeat(u);
+	if (u->nruns > 0) {
+		scan_unit_open_session(u);
+		return;
+	}
 	scan_unit_later(u, SCAN_UNIT_EV_KICK);
 }
 

@@ -1,6 +1,6 @@
 /*
- * items.c - waste items (list with filters, approve, dismiss; cleanup comes
- * with the AWS actions) and the savings report. Every read is scoped to the
+ * items.c - waste items (list with filters, approve, dismiss; the cleanup
+ * actions are in cleanup.c) and the savings report. Every read is scoped to the
  * caller's organization; an item of another organization is not found.
  * Approving and dismissing commit with their audit event.
  */
@@ -13,15 +13,7 @@
 #include "cloudsweep/log.h"
 #include "scan_int.h"
 
-/* The waste item JSON of the API, from a row of waste_items aliased w. */
-#define ITEM_JSON_SQL                                                                         \
-	"json_build_object('id', w.id, 'scan_id', w.scan_id, 'type', w.type, 'resource_id', " \
-	"w.resource_id, 'region', w.region, 'account_id', w.aws_account_id, 'details', "      \
-	"w.details, 'estimated_monthly_cost_usd', w.estimated_monthly_cost_usd, 'status', "   \
-	"w.status, 'created_at', audit_rfc3339(w.created_at), 'approved_by', w.approved_by, " \
-	"'approved_at', audit_rfc3339(w.approved_at), 'dismissed_at', "                       \
-	"audit_rfc3339(w.dismissed_at), 'outcome', w.outcome, 'aws_request_id', "             \
-	"w.aws_request_id, 'cleaned_at', audit_rfc3339(w.cleaned_at))"
+#define ITEM_JSON_SQL SCAN_ITEM_JSON_SQL
 
 static const char *const item_statuses[] = { "open", "approved", "cleaned", "failed", "dismissed" };
 
@@ -99,11 +91,12 @@ enum item_change_state {
 
 struct item_change {
 	struct http_op op;
-	const char *id;       /* pool-owned */
-	const char *stmt;     /* the prepared UPDATE */
-	const char *event;    /* the audit event type */
-	const char *doc;      /* pool-owned item JSON once updated */
-	char from_status[16]; /* the status before the change */
+	const char *id;                                    /* pool-owned */
+	const char *stmt;                                  /* the prepared UPDATE */
+	const char *event;                                 /* the audit event type */
+	const char *doc;                                   /* pool-owned item JSON once updated */
+	const char *type, *resource_id, *region, *account; /* pool-owned, once updated */
+	char from_status[16];                              /* the status before the change */
 };
 
 static void item_change_advance(struct http_op *op, enum db_event ev, const PGresult *res)
@@ -135,6 +128,13 @@ static void item_change_advance(struct http_op *op, enum db_event ev, const PGre
 			return;
 		}
 		ic->doc = http_strndup(req, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0));
+		ic->type = http_strndup(req, PQgetvalue(res, 0, 3), (size_t)PQgetlength(res, 0, 3));
+		ic->resource_id =
+		    http_strndup(req, PQgetvalue(res, 0, 4), (size_t)PQgetlength(res, 0, 4));
+		ic->region =
+		    http_strndup(req, PQgetvalue(res, 0, 5), (size_t)PQgetlength(res, 0, 5));
+		ic->account =
+		    http_strndup(req, PQgetvalue(res, 0, 6), (size_t)PQgetlength(res, 0, 6));
 		snprintf(ic->from_status, sizeof(ic->from_status), "%s", PQgetvalue(res, 0, 1));
 		op->state = ITEM_CHANGE_AUDIT;
 		scan_audit_fill(&aev, req, ic->event, ic->id);
@@ -157,6 +157,13 @@ static void item_change_advance(struct http_op *op, enum db_event ev, const PGre
 		http_op_commit(op);
 		return;
 	case ITEM_CHANGE_COMMIT:
+		if (strcmp(ic->event, "waste_item.approved") == 0 && scan_cleanup_marks()) {
+			/* Mark-then-act: the resource is tagged before the answer. */
+			http_set_cancel(req, NULL, NULL);
+			scan_cleanup_mark(req, ic->doc, ic->id, ic->type, ic->resource_id,
+			                  ic->region, ic->account);
+			return;
+		}
 		http_set_cancel(req, NULL, NULL);
 		http_respond(req, 200, "application/json", ic->doc, strlen(ic->doc));
 		return;
@@ -188,11 +195,6 @@ static void item_approve(struct http_request *req)
 static void item_dismiss(struct http_request *req)
 {
 	item_change(req, "item_dismiss", "waste_item.dismissed");
-}
-
-static void item_cleanup(struct http_request *req)
-{
-	http_error(req, 501, "not_implemented", "cleanup actions are not available yet");
 }
 
 /* ---- GET /api/v1/reports/savings ---- */
@@ -241,22 +243,24 @@ void scan_items_routes(struct router *r)
 	    "CASE WHEN (SELECT count(*) FROM page) > $7::int THEN (SELECT w.id::text FROM shown w "
 	    "ORDER BY w.created_at, w.id LIMIT 1) END)::text",
 	    8);
-	db_pool_prepare(db, "item_approve",
-	                "WITH old AS (SELECT id, status FROM waste_items WHERE id = $1::uuid "
-	                "AND org_id = $2::uuid AND status IN ('open', 'dismissed') FOR UPDATE) "
-	                "UPDATE waste_items w SET status = 'approved', approved_by = $3::uuid, "
-	                "approved_at = now(), dismissed_by = NULL, dismissed_at = NULL FROM old "
-	                "WHERE w.id = old.id RETURNING " ITEM_JSON_SQL
-	                "::text, old.status, w.scan_id, w.type, w.resource_id",
-	                3);
-	db_pool_prepare(db, "item_dismiss",
-	                "WITH old AS (SELECT id, status FROM waste_items WHERE id = $1::uuid "
-	                "AND org_id = $2::uuid AND status IN ('open', 'approved') FOR UPDATE) "
-	                "UPDATE waste_items w SET status = 'dismissed', dismissed_by = $3::uuid, "
-	                "dismissed_at = now(), approved_by = NULL, approved_at = NULL FROM old "
-	                "WHERE w.id = old.id RETURNING " ITEM_JSON_SQL
-	                "::text, old.status, w.scan_id, w.type, w.resource_id",
-	                3);
+	db_pool_prepare(
+	    db, "item_approve",
+	    "WITH old AS (SELECT id, status FROM waste_items WHERE id = $1::uuid "
+	    "AND org_id = $2::uuid AND status IN ('open', 'dismissed') FOR UPDATE) "
+	    "UPDATE waste_items w SET status = 'approved', approved_by = $3::uuid, "
+	    "approved_at = now(), dismissed_by = NULL, dismissed_at = NULL FROM old "
+	    "WHERE w.id = old.id RETURNING " ITEM_JSON_SQL
+	    "::text, old.status, w.scan_id, w.type, w.resource_id, w.region, w.aws_account_id",
+	    3);
+	db_pool_prepare(
+	    db, "item_dismiss",
+	    "WITH old AS (SELECT id, status FROM waste_items WHERE id = $1::uuid "
+	    "AND org_id = $2::uuid AND status IN ('open', 'approved') FOR UPDATE) "
+	    "UPDATE waste_items w SET status = 'dismissed', dismissed_by = $3::uuid, "
+	    "dismissed_at = now(), approved_by = NULL, approved_at = NULL FROM old "
+	    "WHERE w.id = old.id RETURNING " ITEM_JSON_SQL
+	    "::text, old.status, w.scan_id, w.type, w.resource_id, w.region, w.aws_account_id",
+	    3);
 	db_pool_prepare(db, "item_status",
 	                "SELECT status FROM waste_items WHERE id = $1::uuid AND org_id = $2::uuid",
 	                2);
@@ -281,8 +285,7 @@ void scan_items_routes(struct router *r)
 	                "waste_items:approve");
 	router_add_perm(r, "POST", "/api/v1/waste-items/{id}/dismiss", item_dismiss, ROUTE_NEEDS_DB,
 	                "waste_items:approve");
-	router_add_perm(r, "POST", "/api/v1/waste-items/{id}/cleanup", item_cleanup, ROUTE_NEEDS_DB,
-	                "waste_items:cleanup");
+	scan_cleanup_routes(r);
 	router_add_perm(r, "GET", "/api/v1/reports/savings", report_savings, ROUTE_NEEDS_DB,
 	                "reports:read");
 }

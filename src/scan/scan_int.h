@@ -106,6 +106,28 @@ void scan_longpoll_get(struct http_request *req, const char *scan_id, int wait_s
 /* Route registration of each file. */
 void scan_api_routes(struct router *r);
 void scan_items_routes(struct router *r);
+/* cleanup.c: POST /waste-items/{id}/cleanup and /waste-items/cleanup (from scan_items_routes). */
+void scan_cleanup_routes(struct router *r);
+/* Whether approvals tag resources for mark-then-act (cleanup_grace_days > 0). */
+bool scan_cleanup_marks(void);
+/*
+ * Answer an approval (doc, the item JSON) after tagging the resource
+ * cloudsweep:marked-for-deletion=<date the grace period ends> (EC2 types);
+ * the answer says whether the tag was set. Strings are borrowed from req.
+ */
+void scan_cleanup_mark(struct http_request *req, const char *doc, const char *item_id,
+                       const char *type, const char *resource_id, const char *region,
+                       const char *account_uuid);
+
+/* The waste item JSON of the API, from a row of waste_items aliased w. */
+#define SCAN_ITEM_JSON_SQL                                                                    \
+	"json_build_object('id', w.id, 'scan_id', w.scan_id, 'type', w.type, 'resource_id', " \
+	"w.resource_id, 'region', w.region, 'account_id', w.aws_account_id, 'details', "      \
+	"w.details, 'estimated_monthly_cost_usd', w.estimated_monthly_cost_usd, 'status', "   \
+	"w.status, 'created_at', audit_rfc3339(w.created_at), 'approved_by', w.approved_by, " \
+	"'approved_at', audit_rfc3339(w.approved_at), 'dismissed_at', "                       \
+	"audit_rfc3339(w.dismissed_at), 'outcome', w.outcome, 'aws_request_id', "             \
+	"w.aws_request_id, 'cleaned_at', audit_rfc3339(w.cleaned_at))"
 
 /* Whether s is a canonical UUID (any case). */
 bool scan_is_uuid(const char *s);

@@ -237,7 +237,8 @@ const struct config_option config_options[] = {
 	    "default is the commercial (aws partition) regions."),
 	OPT(aws_verify_on_create, CONFIG_INT, "1", 0, 1, true,
 	    "1: POST /aws-accounts also runs the onboarding check (AssumeRole, wrong-external-id "
-	    "probe) once it is available; 0: only POST /aws-accounts/{id}/verify does."),
+	    "probe) when AWS credentials are configured; 0: only POST /aws-accounts/{id}/verify "
+	    "does."),
 	OPT(rewrap_batch, CONFIG_INT, "200", 1, 10000, false,
 	    "Stored data keys re-wrapped per transaction after a key rotation."),
 	OPT(rewrap_interval_s, CONFIG_INT, "10", 1, 86400, false,
@@ -247,6 +248,12 @@ const struct config_option config_options[] = {
 	    "Where key-encryption keys come from: file (vault_key_dir and/or "
 	    "CLOUDSWEEP_VAULT_KEKS). kms (AWS KMS) is planned and refused for now."),
 	/* -- options: creds -- */
+	OPT(vault_kms_key_id, CONFIG_STRING, "", 0, 0, false,
+	    "vault_provider = kms: the KMS key (id, ARN or alias/...) that wraps the "
+	    "key-encryption keys stored as kek-<N>.kms in vault_key_dir."),
+	OPT(vault_kms_region, CONFIG_STRING, "", 0, 0, false,
+	    "vault_provider = kms: the region of vault_kms_key_id (e.g. eu-west-1)."),
+	/* -- options: verify -- */
 	OPT(scan_lease_s, CONFIG_INT, "30", 3, 3600, false,
 	    "Lease a worker holds on a scan unit, seconds; renewed every third of it. A unit "
 	    "whose worker died is claimed again once its lease lapses."),
@@ -267,6 +274,16 @@ const struct config_option config_options[] = {
 	OPT(scan_prices_file, CONFIG_PATH, "", 0, 0, false,
 	    "The price table (prices.json); empty: data/prices.json next to sql_dir."),
 	/* -- options: scans -- */
+	OPT(cleanup_max_items_per_request, CONFIG_INT, "10", 1, 1000, false,
+	    "Waste items one cleanup request may act on (POST /waste-items/cleanup ids); more "
+	    "are refused 409 cleanup_batch_too_large."),
+	OPT(cleanup_max_items_per_day, CONFIG_INT, "100", 1, 1000000, false,
+	    "Waste items one organization may clean up per 24 hours (dry runs do not count); "
+	    "beyond it cleanup answers 429 cleanup_daily_limit."),
+	OPT(cleanup_grace_days, CONFIG_INT, "0", 0, 365, false,
+	    "Mark-then-act: at approval tag the resource cloudsweep:marked-for-deletion=<date> "
+	    "and refuse its cleanup until this many days passed; 0: off."),
+	/* -- options: cleanup -- */
 	{ NULL, 0, NULL, 0, 0, false, 0, NULL },
 };
 

@@ -21,6 +21,7 @@
 #include "cloudsweep/log.h"
 #include "cloudsweep/vault.h"
 #include "cloudsweep/worker.h"
+#include "creds_int.h"
 
 #define CREDS_ROLE_ARN_MAX        2048 /* bytes of a role ARN */
 #define CREDS_NAME_MAX            255  /* characters of an account or credential name */
@@ -32,21 +33,6 @@
 #define CREDS_SECRET_KEY_MAX      128
 #define CREDS_PROVIDER_SECRET_MAX 16384 /* bytes of a provider credential */
 #define CREDS_RELOAD_GAP_MS       1000  /* at most one ring reload a second for unknown versions */
-
-/* RFC 3339 UTC of a timestamptz column. */
-#define CREDS_TS(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
-
-/* The API's view of an aws_accounts row "a": never a secret, the external id's last 4 at most. */
-#define CREDS_ACCOUNT_JSON                                                                    \
-	"json_build_object('id', a.id, 'account_id', a.account_id, 'account_name', "          \
-	"a.account_name, 'kind', a.kind, 'role_arn', a.role_arn, 'external_id_last4', "       \
-	"a.external_id_last4, 'access_key_id_last4', right(a.access_key_id, 4), 'regions', "  \
-	"to_json(a.regions), 'status', a.status, 'verified_at', " CREDS_TS(                   \
-	    "a.verified_at") ", 'verify_error', a.verify_error, 'external_id_enforced', "     \
-	                     "a.external_id_enforced, "                                       \
-	                     "'key_version', vault_blob_version(coalesce(a.external_id_enc, " \
-	                     "a.secret_access_key_enc)), 'created_by', a.created_by, "        \
-	                     "'created_at', " CREDS_TS("a.created_at") ")"
 
 #define CREDS_PROVIDER_JSON                                                                      \
 	"json_build_object('id', p.id, 'provider', p.provider, 'name', p.name, 'key_version', "  \
@@ -163,13 +149,11 @@ int creds_config_check(const struct config *cfg, char *err, size_t errlen)
 	char *list, *tok, *save = NULL;
 
 	if (strcmp(cfg->vault_provider, "kms") == 0) {
-		snprintf(err, errlen,
-		         "vault_provider: kms is not supported yet (it needs the AWS KMS client); "
-		         "use file");
-		return -1;
+		if (kms_config_check(cfg, err, errlen) == -1)
+			return -1;
 	}
-	if (strcmp(cfg->vault_provider, "file") != 0) {
-		snprintf(err, errlen, "vault_provider: must be file (kms is planned)");
+	if (strcmp(cfg->vault_provider, "file") != 0 && strcmp(cfg->vault_provider, "kms") != 0) {
+		snprintf(err, errlen, "vault_provider: must be file or kms");
 		return -1;
 	}
 	creds_regions_clear();
@@ -623,6 +607,33 @@ static const char *creds_path_id(struct http_request *req)
 	return id;
 }
 
+/*
+ * The check's outcome as the API shows it: {ok, assumed_role_arn,
+ * external_id_enforced, error: {code, message} when not ok, account}.
+ */
+static json_t *acct_verify_doc(const struct creds_verify_result *r)
+{
+	json_t *doc = json_pack("{s:b, s:s?, s:o}", "ok", r->ok, "assumed_role_arn", r->role_arn,
+	                        "external_id_enforced",
+	                        r->enforced == -1 ? json_null() : json_boolean(r->enforced == 1));
+
+	if (doc != NULL && !r->ok)
+		json_object_set_new(
+		    doc, "error", json_pack("{s:s, s:s}", "code", r->code, "message", r->message));
+	return doc;
+}
+
+/* The who of a request, for the audit rows of the check. */
+static struct creds_verify_who acct_verify_who(struct http_request *req)
+{
+	struct creds_verify_who who = { .actor = req->auth.user_id,
+		                        .ip = req->client_ip,
+		                        .user_agent = http_header(req, "User-Agent"),
+		                        .request_id = req->request_id };
+
+	return who;
+}
+
 /* ---- POST /api/v1/aws-accounts ---- */
 
 enum acct_create_state {
@@ -647,6 +658,57 @@ struct acct_create {
 	const char *doc;          /* pool-owned answer, once inserted */
 	int key_version;
 };
+
+static void acct_create_verified_cb(void *arg, enum creds_verify_status st,
+                                    const struct creds_verify_result *r)
+{
+	struct acct_create *ac = arg;
+	struct http_request *req = ac->op.req;
+	json_error_t jerr;
+	json_t *doc, *ver;
+
+	http_set_cancel(req, NULL, NULL);
+	doc = json_loads(st == CREDS_VERIFY_DONE && r->account != NULL ? r->account : ac->doc, 0,
+	                 &jerr);
+	if (doc == NULL) {
+		http_respond(req, 201, "application/json", ac->doc, strlen(ac->doc));
+		return;
+	}
+	if (st == CREDS_VERIFY_DONE)
+		ver = acct_verify_doc(r);
+	else
+		ver = json_pack("{s:b, s:n, s:n, s:{s:s, s:s}}", "ok", 0, "assumed_role_arn",
+		                "external_id_enforced", "error", "code", "verify_failed", "message",
+		                "the account was stored but could not be checked; call "
+		                "POST /api/v1/aws-accounts/{id}/verify");
+	json_object_set_new(doc, "verification", ver);
+	http_respond_json(req, 201, doc);
+}
+
+/* The client left while the check ran: forget it (a COMMIT already sent completes). */
+static void acct_verify_cancel_cb(struct http_request *req, void *arg)
+{
+	(void)req;
+	creds_verify_cancel(arg);
+}
+
+/*
+ * The onboarding check after a create: the account is stored whatever it
+ * finds, and the 201 carries the outcome under "verification". -1 when it
+ * could not start (answer the plain 201).
+ */
+static int acct_create_verify(struct acct_create *ac)
+{
+	struct http_request *req = ac->op.req;
+	struct creds_verify_who who = acct_verify_who(req);
+	struct creds_verify *v = creds_verify_start(cs_worker->db, req->auth.org_id, ac->id, &who,
+	                                            acct_create_verified_cb, ac);
+
+	if (v == NULL)
+		return -1;
+	http_set_cancel(req, acct_verify_cancel_cb, v);
+	return 0;
+}
 
 static void acct_create_advance(struct http_op *op, enum db_event ev, const PGresult *res)
 {
@@ -742,6 +804,9 @@ static void acct_create_advance(struct http_op *op, enum db_event ev, const PGre
 		return;
 	case AC_COMMIT:
 		http_set_cancel(req, NULL, NULL);
+		if (cs_worker->cfg->aws_verify_on_create && creds_verify_available() &&
+		    acct_create_verify(ac) == 0)
+			return;
 		http_respond(req, 201, "application/json", ac->doc, strlen(ac->doc));
 		return;
 	}
@@ -1104,12 +1169,64 @@ static void acct_delete(struct http_request *req)
 
 /* ---- POST /api/v1/aws-accounts/{id}/verify ---- */
 
+/*
+ * 200 with {ok:false, error} when AWS answered and refused (or the trust
+ * policy is unsound); 502 with the same body when AWS could not be reached.
+ */
+static void acct_verify_cb(void *arg, enum creds_verify_status st,
+                           const struct creds_verify_result *r)
+{
+	struct http_request *req = arg;
+	json_error_t jerr;
+	json_t *doc;
+
+	http_set_cancel(req, NULL, NULL);
+	switch (st) {
+	case CREDS_VERIFY_DONE:
+		break;
+	case CREDS_VERIFY_NOT_FOUND:
+		http_error(req, 404, "not_found", "not found");
+		return;
+	case CREDS_VERIFY_UNAVAILABLE:
+		http_error(req, 503, "unavailable", "the database is unreachable; retry later");
+		return;
+	case CREDS_VERIFY_ERROR:
+		http_error(req, 500, "internal", "the credentials could not be checked");
+		return;
+	}
+	doc = acct_verify_doc(r);
+	if (doc == NULL) {
+		http_error(req, 500, "internal", "internal error");
+		return;
+	}
+	if (r->account != NULL)
+		json_object_set_new(doc, "account", json_loads(r->account, 0, &jerr));
+	if (r->unreachable)
+		json_object_set_new(doc, "request_id", json_string(req->request_id));
+	http_respond_json(req, r->unreachable ? 502 : 200, doc);
+}
+
 static void acct_verify(struct http_request *req)
 {
-	if (creds_path_id(req) == NULL)
+	const char *id = creds_path_id(req);
+	struct creds_verify_who who;
+	struct creds_verify *v;
+
+	if (id == NULL)
 		return;
-	http_error(req, 501, "not_implemented",
-	           "verifying an AWS account (STS AssumeRole) is not available yet");
+	if (!creds_verify_available()) {
+		http_error(req, 501, "not_implemented",
+		           "this server has no AWS credentials (aws_credentials_file or "
+		           "AWS_ACCESS_KEY_ID) to verify accounts with");
+		return;
+	}
+	who = acct_verify_who(req);
+	v = creds_verify_start(cs_worker->db, req->auth.org_id, id, &who, acct_verify_cb, req);
+	if (v == NULL) {
+		http_error(req, 503, "unavailable", "the database is unreachable; retry later");
+		return;
+	}
+	http_set_cancel(req, acct_verify_cancel_cb, v);
 }
 
 /* ---- provider credentials ---- */
@@ -1275,8 +1392,26 @@ static void prov_list(struct http_request *req)
 	"$2::int THEN (SELECT " x ".id::text FROM shown " x " ORDER BY " x ".created_at, " x   \
 	".id LIMIT 1) END)"
 
-int creds_worker_init(struct event_base *base, const struct config *cfg, struct db_pool *pool,
-                      struct router *r)
+void creds_routes(struct router *r)
+{
+	router_add_perm(r, "POST", "/api/v1/aws-accounts", acct_create, ROUTE_NEEDS_DB,
+	                "aws_accounts:write");
+	router_add_perm(r, "GET", "/api/v1/aws-accounts", acct_list, ROUTE_NEEDS_DB,
+	                "aws_accounts:read");
+	router_add_perm(r, "GET", "/api/v1/aws-accounts/{id}", acct_get, ROUTE_NEEDS_DB,
+	                "aws_accounts:read");
+	router_add_perm(r, "DELETE", "/api/v1/aws-accounts/{id}", acct_delete, ROUTE_NEEDS_DB,
+	                "aws_accounts:write");
+	router_add_perm(r, "POST", "/api/v1/aws-accounts/{id}/verify", acct_verify, ROUTE_NEEDS_DB,
+	                "aws_accounts:write");
+	router_add_perm(r, "POST", "/api/v1/provider-credentials", prov_create, ROUTE_NEEDS_DB,
+	                "aws_accounts:write");
+	router_add_perm(r, "GET", "/api/v1/provider-credentials", prov_list, ROUTE_NEEDS_DB,
+	                "aws_accounts:read");
+	creds_keys_routes(r);
+}
+
+int creds_worker_init(struct event_base *base, const struct config *cfg, struct db_pool *pool)
 {
 	char err[256];
 
@@ -1293,21 +1428,6 @@ int creds_worker_init(struct event_base *base, const struct config *cfg, struct 
 	    CREDS_LIST_SQL("aws_accounts", "a", CREDS_ACCOUNT_JSON, "AND a.deleted_at IS NULL"), 3);
 	db_pool_prepare(pool, "creds_provider_list",
 	                CREDS_LIST_SQL("provider_credentials", "p", CREDS_PROVIDER_JSON, ""), 3);
-	router_add_perm(r, "POST", "/api/v1/aws-accounts", acct_create, ROUTE_NEEDS_DB,
-	                "aws_accounts:write");
-	router_add_perm(r, "GET", "/api/v1/aws-accounts", acct_list, ROUTE_NEEDS_DB,
-	                "aws_accounts:read");
-	router_add_perm(r, "GET", "/api/v1/aws-accounts/{id}", acct_get, ROUTE_NEEDS_DB,
-	                "aws_accounts:read");
-	router_add_perm(r, "DELETE", "/api/v1/aws-accounts/{id}", acct_delete, ROUTE_NEEDS_DB,
-	                "aws_accounts:write");
-	router_add_perm(r, "POST", "/api/v1/aws-accounts/{id}/verify", acct_verify, ROUTE_NEEDS_DB,
-	                "aws_accounts:write");
-	router_add_perm(r, "POST", "/api/v1/provider-credentials", prov_create, ROUTE_NEEDS_DB,
-	                "aws_accounts:write");
-	router_add_perm(r, "GET", "/api/v1/provider-credentials", prov_list, ROUTE_NEEDS_DB,
-	                "aws_accounts:read");
-	creds_keys_routes(r);
 	creds_rewrap_start(base, cfg, pool);
 	return 0;
 }

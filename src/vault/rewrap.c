@@ -27,6 +27,7 @@
 #include "cloudsweep/audit.h"
 #include "cloudsweep/config.h"
 #include "cloudsweep/creds.h"
+#include "creds_int.h"
 #include "cloudsweep/http.h"
 #include "cloudsweep/log.h"
 #include "cloudsweep/vault.h"
@@ -461,7 +462,9 @@ static void keys_rotate_advance(struct http_op *op, enum db_event ev, const PGre
 
 		kr->old_version =
 		    vault_ring() != NULL ? vault_keyring_current_version(vault_ring()) : 0;
-		kr->new_version = vault_keyring_rotate(vault_key_dir());
+		kr->new_version = strcmp(cs_worker->cfg->vault_provider, "kms") == 0
+		                      ? kms_rotate(cs_worker->cfg)
+		                      : vault_keyring_rotate(vault_key_dir());
 		if (kr->new_version == -1) {
 			http_op_fail(op, 500, "internal", "a new key version could not be created");
 			return;
@@ -678,19 +681,24 @@ static int cli_list(struct db_pool *pool, const char *dir)
 	return 0;
 }
 
+static const struct config *cli_cfg; /* borrowed while creds_keys_main runs */
+
 static int cli_rotate(struct db_pool *pool, const char *dir)
 {
-	struct vault_keyring *kr = vault_keyring_load(dir, getenv(VAULT_KEKS_ENV));
+	bool kms = strcmp(cli_cfg->vault_provider, "kms") == 0;
+	struct vault_keyring *kr =
+	    kms ? kms_ring_load(cli_cfg) : vault_keyring_load(dir, getenv(VAULT_KEKS_ENV));
 	struct audit_event ev;
 	json_t *details;
 	char rid[16];
 	int old, fresh, rc;
 
-	if (kr == NULL)
+	if (kr == NULL && !kms)
 		return 1;
-	old = vault_keyring_current_version(kr);
+	/* With KMS the first version is created from nothing. */
+	old = kr != NULL ? vault_keyring_current_version(kr) : 0;
 	vault_keyring_free(kr);
-	fresh = vault_keyring_rotate(dir);
+	fresh = kms ? kms_rotate(cli_cfg) : vault_keyring_rotate(dir);
 	if (fresh == -1)
 		return 1;
 	snprintf(rid, sizeof(rid), "%d", fresh);
@@ -813,6 +821,7 @@ int creds_keys_main(const char *config_path, bool debug, int argc, char **argv)
 		fprintf(stderr, "cloudsweepd: the database is unreachable\n");
 		goto out;
 	}
+	cli_cfg = cfg;
 	if (strcmp(argv[0], "list") == 0)
 		rc = cli_list(pool, dir);
 	else if (strcmp(argv[0], "rotate") == 0)

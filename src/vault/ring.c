@@ -3,10 +3,13 @@
  * directory and/or CLOUDSWEEP_VAULT_KEKS, reloaded after a rotation.
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "cloudsweep/config.h"
 #include "cloudsweep/log.h"
 #include "cloudsweep/vault.h"
+#include "cloudsweep/worker.h"
+#include "creds_int.h"
 
 static struct vault_keyring *worker_ring;
 static char *worker_dir;
@@ -14,6 +17,10 @@ static char *worker_dir;
 static struct vault_keyring *ring_load(void)
 {
 	const char *spec = getenv(VAULT_KEKS_ENV);
+
+	/* vault_provider = kms: every kek-<N>.kms unwrapped by KMS Decrypt, synchronously. */
+	if (cs_worker != NULL && strcmp(cs_worker->cfg->vault_provider, "kms") == 0)
+		return kms_ring_load(cs_worker->cfg);
 
 	if (worker_dir == NULL && spec == NULL) {
 		log_warnx("vault_init", "no key-encryption keys: set vault_key_dir or %s",

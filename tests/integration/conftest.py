@@ -788,3 +788,83 @@ def shared_server(workdir, tls_files, pg):
     problems = s.finish()
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+# ------------------------------------------------------------------ fake AWS
+
+# CloudSweep's own AWS identity in the fake: the key the daemon signs AssumeRole with.
+FAKE_AWS_SERVICE_ACCOUNT = "999999999999"
+FAKE_AWS_KEY_ID = "AKIACLOUDSWEEPTEST01"
+FAKE_AWS_SECRET = "cloudsweep-test-secret-key-0123456789abcd"
+
+
+class FakeAws:
+    """tests/fakes/fake_aws.py on loopback over HTTPS (the test certificate), with its
+    control API. `options` are what a server needs to use it as AWS."""
+
+    def __init__(self, workdir, tls):
+        self.cert, key = tls
+        creds = workdir / "aws_credentials"
+        creds.write_text(f"aws_access_key_id = {FAKE_AWS_KEY_ID}\n"
+                         f"aws_secret_access_key = {FAKE_AWS_SECRET}\n")
+        creds.chmod(0o600)
+        self.log = open(workdir / "fake_aws.log", "w")
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", str(ROOT / "tests" / "fakes" / "fake_aws.py"),
+             "--http-port", "0", "--https-port", "0", "--cert", self.cert, "--key", key],
+            stdout=subprocess.PIPE, stderr=self.log, text=True)
+        ports = json.loads(self.proc.stdout.readline())
+        self.http_port, self.https_port = ports["http_port"], ports["https_port"]
+        self.url = f"https://127.0.0.1:{self.https_port}"
+        self.options = {"aws_endpoint_url": self.url, "aws_ca_file": self.cert,
+                        "aws_credentials_file": creds}
+
+    def control(self, method, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=30)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, "/__fake/" + path, body=data,
+                         headers={"Content-Type": "application/json"} if data else {})
+            r = conn.getresponse()
+            payload = r.read()
+            if r.status >= 300:
+                raise AssertionError(f"fake AWS {method} {path}: {r.status} {payload[:300]!r}")
+            return json.loads(payload) if payload else None
+        finally:
+            conn.close()
+
+    def reset(self, seed=None):
+        """Empty state, faults and call log; then seed (CloudSweep's own key included)."""
+        seed = json.loads(json.dumps(seed or {}))
+        accounts = seed.setdefault("accounts", {})
+        own = accounts.setdefault(FAKE_AWS_SERVICE_ACCOUNT, {})
+        own.setdefault("access_keys", []).append(
+            {"id": FAKE_AWS_KEY_ID, "secret": FAKE_AWS_SECRET, "user": "cloudsweep"})
+        return self.control("POST", "reset", seed)
+
+    def faults(self, rules, append=False):
+        return self.control("POST", "faults", {"faults": rules, "append": append})
+
+    def calls(self, **filters):
+        q = "&".join(f"{k}={v}" for k, v in filters.items())
+        return self.control("GET", "calls" + ("?" + q if q else ""))
+
+    def state(self):
+        return self.control("GET", "state")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def fake_aws(workdir, tls_files):
+    """The session's fake AWS (reset it in your test/module: state is shared)."""
+    f = FakeAws(workdir, tls_files)
+    f.reset()
+    yield f
+    f.stop()

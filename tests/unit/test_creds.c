@@ -74,7 +74,7 @@ static void options(void)
 	   "the default allow-list is the commercial regions");
 	ok(config_set(cfg, "vault_provider", "kms", err, sizeof(err)) == 0 &&
 	       creds_config_check(cfg, err, sizeof(err)) == -1 && strstr(err, "kms") != NULL,
-	   "vault_provider kms is refused, and says so");
+	   "vault_provider kms without its key id is refused, and says so");
 	ok(config_set(cfg, "vault_provider", "file", err, sizeof(err)) == 0 &&
 	       config_set(cfg, "aws_regions", "us-east-1, eu-west-1", err, sizeof(err)) == 0 &&
 	       creds_config_check(cfg, err, sizeof(err)) == 0 &&
