@@ -291,6 +291,8 @@ struct signup_op {
 	char email[256];
 	char *name, *org_name, *phc; /* pool-owned */
 	char user_id[37], org_id[37];
+	char invite_hash[65]; /* SHA-256 of the invitation token; empty: a new organization */
+	char role[16];        /* the role the account gets in org_id */
 };
 
 static void signup_advance(struct http_op *op, enum db_event ev, const PGresult *res);
@@ -346,6 +348,22 @@ static void signup_advance(struct http_op *op, enum db_event ev, const PGresult 
 		};
 
 		op->state = SIGNUP_INSERT;
+		if (*s->invite_hash != '\0') {
+			/* Accept the invitation and join its organization, all or nothing. */
+			p[4] = s->invite_hash;
+			(void)http_op_query(
+			    op,
+			    "WITH inv AS (UPDATE org_invitations SET accepted_at = now() "
+			    "WHERE token_hash = $5 AND email = $2 AND accepted_at IS NULL "
+			    "AND expires_at > now() RETURNING org_id, role), "
+			    "u AS (INSERT INTO users (id, email, name, password_hash) "
+			    "SELECT $1, $2, $3, $4 FROM inv RETURNING id), "
+			    "m AS (INSERT INTO memberships (org_id, user_id, role) "
+			    "SELECT inv.org_id, u.id, inv.role FROM inv, u RETURNING org_id, role) "
+			    "SELECT m.org_id, m.role, o.name FROM m JOIN orgs o ON o.id = m.org_id",
+			    5, p);
+			return;
+		}
 		(void)http_op_query(
 		    op,
 		    "WITH u AS (INSERT INTO users (id, email, name, password_hash) "
@@ -357,10 +375,24 @@ static void signup_advance(struct http_op *op, enum db_event ev, const PGresult 
 		return;
 	}
 	case SIGNUP_INSERT:
+		if (*s->invite_hash != '\0') {
+			if (res == NULL || PQntuples(res) != 1) {
+				http_op_fail(
+				    op, 400, "invalid_invite",
+				    "the invitation is unknown, expired, already used or for "
+				    "another email address");
+				return;
+			}
+			snprintf(s->org_id, sizeof(s->org_id), "%s", PQgetvalue(res, 0, 0));
+			snprintf(s->role, sizeof(s->role), "%s", PQgetvalue(res, 0, 1));
+			s->org_name = http_strndup(op->req, PQgetvalue(res, 0, 2),
+			                           (size_t)PQgetlength(res, 0, 2));
+		}
 		op->state = SIGNUP_AUDIT;
 		auth_audit_fill(&aev, op->req, s->org_id, s->user_id, "auth.signup");
 		aev.resource_id = s->user_id;
-		details = json_pack("{s:s}", "org_name", s->org_name);
+		details = json_pack("{s:s, s:s, s:b}", "org_name", s->org_name, "role", s->role,
+		                    "invitation", *s->invite_hash != '\0');
 		auth_op_audit_hmac(op, &aev, details, "email", s->email);
 		return;
 	case SIGNUP_AUDIT:
@@ -372,7 +404,7 @@ static void signup_advance(struct http_op *op, enum db_event ev, const PGresult 
 		http_respond_json(op->req, 201,
 		                  json_pack("{s:{s:s, s:s, s:s}, s:{s:s, s:s}, s:s}", "user", "id",
 		                            s->user_id, "email", s->email, "name", s->name, "org",
-		                            "id", s->org_id, "name", s->org_name, "role", "owner"));
+		                            "id", s->org_id, "name", s->org_name, "role", s->role));
 		return;
 	}
 }
@@ -380,18 +412,24 @@ static void signup_advance(struct http_op *op, enum db_event ev, const PGresult 
 static void auth_signup(struct http_request *req)
 {
 	json_t *body = http_json_body(req);
-	const char *email, *pw, *org_name, *name, *why = NULL;
+	const char *email, *pw, *org_name, *name, *invite, *why = NULL;
 	struct signup_op *s;
 
 	if (body == NULL)
 		return;
+	invite = json_object_get(body, "invite_token") != NULL
+	             ? auth_body_str(req, body, "invite_token", 128, true)
+	             : "";
+	if (invite == NULL)
+		goto out;
 	email = auth_body_str(req, body, "email", 254, true);
 	if (email == NULL)
 		goto out;
 	pw = auth_body_str(req, body, "password", PASSWORD_MAX_BYTES, true);
 	if (pw == NULL)
 		goto out;
-	org_name = auth_body_str(req, body, "org_name", 255, true);
+	/* Joining by invitation: the organization is the inviter's. */
+	org_name = *invite != '\0' ? "-" : auth_body_str(req, body, "org_name", 255, true);
 	if (org_name == NULL)
 		goto out;
 	name = json_object_get(body, "name") != NULL ? auth_body_str(req, body, "name", 255, false)
@@ -416,6 +454,9 @@ static void auth_signup(struct http_request *req)
 	}
 	s->name = http_strndup(req, name, strlen(name));
 	s->org_name = http_strndup(req, org_name, strlen(org_name));
+	snprintf(s->role, sizeof(s->role), "owner");
+	if (*invite != '\0')
+		auth_token_hash_hex(s->invite_hash, invite);
 	cs_uuid4(s->user_id);
 	cs_uuid4(s->org_id);
 	s->op.state = SIGNUP_HASHING;

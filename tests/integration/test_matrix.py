@@ -13,13 +13,14 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import subprocess
 import time
 import uuid
 
 import pytest
 
-from conftest import BINARY, SECRET_OPTIONS, Server, wait_until
+from conftest import BINARY, ROOT, SECRET_OPTIONS, Server, wait_until
 
 PASSWORD = "correct horse battery staple"
 ROLES = ("viewer", "member", "admin", "owner")
@@ -243,3 +244,21 @@ def test_roles_in_own_and_other_org(world):
                     failures.append(f"{r['method']} {path} as {role}: {got}, "
                                     "want it let through")
     assert not failures, "\n".join(failures)
+
+
+def test_every_route_is_in_the_openapi_document():
+    text = (ROOT / "openapi.yaml").read_text()
+    documented, path = set(), None
+    for line in text.splitlines():
+        m = re.match(r"^  (/\S*):\s*$", line)
+        if m:
+            path = m.group(1)
+            continue
+        m = re.match(r"^    (get|post|put|patch|delete):", line)
+        if m and path:
+            documented.add((m.group(1).upper(), path))
+        if line.startswith("components:"):
+            break
+    missing = [f"{r['method']} {r['pattern']}" for r in routes()
+               if (r["method"], r["pattern"]) not in documented]
+    assert not missing, "routes missing from openapi.yaml:\n" + "\n".join(missing)

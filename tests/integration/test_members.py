@@ -126,6 +126,31 @@ def test_add_existing_user_and_invite_unknown_address(srv, pg):
     assert inv["invite_token"] not in srv.log.read_text()
 
 
+def test_signup_with_an_invitation_joins_the_inviting_org(srv, pg):
+    org = Org(srv, pg, "Inviters")
+    stranger = f"inv-{uuid.uuid4().hex[:8]}@example.com"
+    r = post(srv, "/api/v1/org/members", {"email": stranger, "role": "member"},
+             bearer(org.owner_tok))
+    assert r.status == 201, r
+    token = r.json()["invite_token"]
+    wrong = post(srv, "/api/v1/auth/signup", {"email": f"x{stranger}", "password": PASSWORD,
+                                               "invite_token": token})
+    assert wrong.status == 400 and wrong.json()["error"]["code"] == "invalid_invite", wrong
+    r = post(srv, "/api/v1/auth/signup", {"email": stranger, "password": PASSWORD,
+                                           "invite_token": token})
+    assert r.status == 201, r
+    assert r.json()["org"]["id"] == org.id and r.json()["role"] == "member"
+    tok = login(srv, stranger)["access_token"]
+    me = srv.get("/api/v1/me", headers=bearer(tok)).json()
+    assert me["org"]["id"] == org.id and me["role"] == "member"
+    # Spent: the same token does not make a second account.
+    again = post(srv, "/api/v1/auth/signup", {"email": f"y{stranger}", "password": PASSWORD,
+                                               "invite_token": token})
+    assert again.status == 400 and again.json()["error"]["code"] == "invalid_invite"
+    assert sql(pg, f"SELECT accepted_at IS NOT NULL FROM org_invitations "
+                   f"WHERE token_hash = encode(sha256('{token}'::bytea), 'hex')") == "t"
+
+
 @pytest.mark.parametrize("body,field", [
     ({"email": "x@example.com"}, "role"),
     ({"email": "x@example.com", "role": "superuser"}, "role"),
