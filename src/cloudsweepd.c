@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cloudsweep/alerts.h"
 #include "cloudsweep/creds.h"
 #include "cloudsweep/db.h"
 #include "cloudsweep/http.h"
@@ -171,7 +172,8 @@ int main(int argc, char **argv)
 		config_free(cfg);
 		return 1;
 	}
-	if (creds_config_check(cfg, err, sizeof(err)) == -1) {
+	if (creds_config_check(cfg, err, sizeof(err)) == -1 ||
+	    alerts_config_check(cfg, err, sizeof(err)) == -1) {
 		fprintf(stderr, "cloudsweepd: configuration error: %s\n", err);
 		config_free(cfg);
 		return 1;

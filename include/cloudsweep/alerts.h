@@ -63,6 +63,8 @@ int alerts_webhook_url_check(const char *url, char *err, size_t errlen) CS_WUR;
 int alerts_webhook_sign(const unsigned char *key, size_t keylen, const char *ts, const char *body,
                         size_t body_len, char out[72]) CS_WUR;
 
+/* Whether the alert options (rules file, webhook) are usable: 0, or -1 with err filled. */
+int alerts_config_check(const struct config *cfg, char *err, size_t errlen) CS_WUR;
 /*
  * Start this worker's alert evaluator, webhook sender and retention job
  * on pool (borrowed), from cfg (borrowed; must outlive the worker). 0 or

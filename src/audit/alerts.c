@@ -554,6 +554,38 @@ static void alerts_tick_cb(evutil_socket_t fd, short what, void *arg)
 	alerts_advance(ALERTS_TICK, NULL);
 }
 
+int alerts_config_check(const struct config *cfg, char *err, size_t errlen)
+{
+	char why[256];
+	json_t *rules;
+	size_t len;
+	char *text;
+
+	if (*cfg->alert_webhook_url != '\0') {
+		if (alerts_webhook_url_check(cfg->alert_webhook_url, err, errlen) == -1)
+			return -1;
+		if (*cfg->alert_webhook_secret_file == '\0') {
+			snprintf(err, errlen, "alert_webhook_url needs alert_webhook_secret_file");
+			return -1;
+		}
+	}
+	if (*cfg->alert_rules_file == '\0')
+		return 0;
+	text = cs_read_file(cfg->alert_rules_file, 1 << 20, &len);
+	if (text == NULL) {
+		snprintf(err, errlen, "alert_rules_file: cannot read %s", cfg->alert_rules_file);
+		return -1;
+	}
+	rules = alerts_rules_parse(text, why, sizeof(why));
+	free(text);
+	if (rules == NULL) {
+		snprintf(err, errlen, "alert_rules_file: %s", why);
+		return -1;
+	}
+	json_decref(rules);
+	return 0;
+}
+
 static int alerts_load_rules(const struct config *cfg)
 {
 	char err[256];
