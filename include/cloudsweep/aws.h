@@ -471,6 +471,15 @@ struct aws_sts_wait *aws_sts_assume_role(struct aws_client *client,
                                          void *arg);
 /* Stop waiting: cb never runs (a shared AssumeRole still fills the cache). */
 void aws_sts_wait_cancel(struct aws_sts_wait *w);
+/*
+ * A call signed with creds got res: when AWS rejected those credentials
+ * (InvalidClientTokenId, ExpiredToken, AuthFailure, UnrecognizedClientException,
+ * ExpiredTokenException), drop and wipe the cached entry that holds them, so
+ * the next assume of that role fetches fresh ones. Anything else is a no-op.
+ * The client calls it on every AWS error answer.
+ */
+void aws_sts_credentials_rejected(struct aws_client *cl, const struct aws_credentials *creds,
+                                  const struct aws_result *res);
 /* Drop every cached credential (wiped). */
 void aws_sts_cache_clear(struct aws_client *client);
 

@@ -819,6 +819,12 @@ static void aws_call_finish(struct aws_call *call, enum aws_status st, int http_
 	r.attempts = call->attempts;
 	r.xml = xml;
 	r.json = json;
+	if (st == AWS_ERR_SERVICE) {
+		struct aws_credentials view = aws_owned_credentials_view(&call->creds);
+
+		/* Assumed credentials AWS no longer takes leave the STS cache now. */
+		aws_sts_credentials_rejected(call->client, &view, &r);
+	}
 	call->in_callback = true;
 	call->cb(&r, call->arg);
 	aws_call_free(call);

@@ -461,6 +461,39 @@ struct aws_sts_wait *aws_sts_assume_role(struct aws_client *cl, const struct aws
 	return w;
 }
 
+/* AWS's answers that mean the credentials a request was signed with are no good. */
+static const char *const sts_rejections[] = {
+	"InvalidClientTokenId",        "ExpiredToken",          "AuthFailure",
+	"UnrecognizedClientException", "ExpiredTokenException",
+};
+
+void aws_sts_credentials_rejected(struct aws_client *cl, const struct aws_credentials *creds,
+                                  const struct aws_result *res)
+{
+	struct aws_sts_cache *c = cl != NULL ? *aws_client_sts_slot(cl) : NULL;
+	struct sts_entry *e, *next;
+	bool rejected = false;
+
+	if (c == NULL || creds == NULL || creds->access_key_id == NULL || res == NULL ||
+	    res->status != AWS_ERR_SERVICE || res->error_code == NULL)
+		return;
+	for (size_t i = 0; i < CS_ARRAY_LEN(sts_rejections); i++)
+		if (strcmp(res->error_code, sts_rejections[i]) == 0)
+			rejected = true;
+	if (!rejected)
+		return;
+	for (e = TAILQ_FIRST(&c->entries); e != NULL; e = next) {
+		next = TAILQ_NEXT(e, link);
+		if (e->state == STS_ENTRY_READY && e->creds.access_key_id != NULL &&
+		    strcmp(e->creds.access_key_id, creds->access_key_id) == 0) {
+			log_info("aws_assume_role",
+			         "AWS rejected cached role credentials (%s); dropped them",
+			         res->error_code);
+			sts_entry_free(e);
+		}
+	}
+}
+
 void aws_sts_wait_cancel(struct aws_sts_wait *w)
 {
 	if (w == NULL || w->in_callback)
