@@ -138,8 +138,9 @@ static void xml_end_cb(void *arg, const XML_Char *name)
 	(void)name;
 	if (x->fail != NULL || n == NULL)
 		return;
-	t = x->text + n->text_start;
-	len = x->text_len - n->text_start;
+	/* No character data yet: no buffer either (and no arithmetic on NULL). */
+	t = x->text != NULL ? x->text + n->text_start : "";
+	len = x->text != NULL ? x->text_len - n->text_start : 0;
 	if (n->pub.child != NULL) {
 		while (len > 0 && isspace((unsigned char)*t)) {
 			t++;

@@ -726,6 +726,14 @@ def pg(workdir, tls_files, secret_files):
         pytest.exit(
             f"cloudsweepd migrate failed ({r.returncode}):\n{r.stdout}\n{r.stderr}", returncode=3
         )
+    # Which event types the suite wrote, kept even when a retention test prunes the trail
+    # (test_zz_catalogue.py reads it).
+    p.psql("CREATE TABLE test_event_types_seen (event_type text PRIMARY KEY); "
+           "CREATE FUNCTION test_note_event_type() RETURNS trigger LANGUAGE plpgsql AS $$ "
+           "BEGIN INSERT INTO test_event_types_seen VALUES (NEW.event_type) "
+           "ON CONFLICT DO NOTHING; RETURN NULL; END $$; "
+           "CREATE TRIGGER test_note_event_type AFTER INSERT ON audit_events "
+           "FOR EACH ROW EXECUTE FUNCTION test_note_event_type()", db=p.dbname)
     yield p
     p.stop(mode="immediate")
 
