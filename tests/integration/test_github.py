@@ -138,7 +138,9 @@ def visit_github(fake, authorize_url):
 
 
 def callback(srv, path, cookie):
-    return srv.get(path, headers={"Cookie": f"cs_oauth={cookie}"} if cookie else None)
+    # Longer than the daemon's 10 s deadline on GitHub calls (the timeout case waits it out).
+    return srv.get(path, headers={"Cookie": f"cs_oauth={cookie}"} if cookie else None,
+                   timeout=30)
 
 
 def github_signin(srv, fake, login, headers=None, link=False):
