@@ -63,6 +63,7 @@ struct config {
 	long long ratelimit_anon_per_min;
 	long long ratelimit_user_per_min;
 	long long ratelimit_global_per_min;
+	long long ratelimit_audit_fold_s;
 	long long login_block_threshold;
 	long long login_block_window_s;
 	long long login_block_duration_s;

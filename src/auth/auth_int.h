@@ -38,6 +38,10 @@ void auth_audit_fill(struct audit_event *ev, struct http_request *req, const cha
 /* Append an event in a transaction of its own, logging (not failing) on error. */
 void auth_audit_standalone(struct http_request *req, const char *org, const char *actor,
                            const char *type, const char *resource_id, json_t *details);
+/* Answer req with an API error once its refusal event is appended (standalone). */
+void auth_audit_refuse(struct http_request *req, const char *org, const char *actor,
+                       const char *type, const char *resource_id, json_t *details, int status,
+                       const char *code, const char *fmt, ...) CS_PRINTF(9, 10);
 /* Append ev in op's transaction; advance gets the result. -1 has answered already. */
 int auth_op_audit(struct http_op *op, const struct audit_event *ev);
 /* Set details[key] to the audit HMAC of value and append ev with them (details stolen). */

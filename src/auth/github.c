@@ -999,10 +999,10 @@ static void gh_webhook(struct http_request *req)
 		    gh_word_ok(delivery, GH_FIELD_MAX) ? json_string(delivery) : json_null(),
 		    "event", gh_word_ok(event, GH_FIELD_MAX) ? json_string(event) : json_null());
 
-		auth_audit_standalone(req, NULL, NULL, "webhook.github.rejected", NULL, d);
+		auth_audit_refuse(req, NULL, NULL, "webhook.github.rejected", NULL, d, 401,
+		                  "bad_signature",
+		                  "X-Hub-Signature-256 is missing or does not match the body");
 		json_decref(d);
-		http_error(req, 401, "bad_signature",
-		           "X-Hub-Signature-256 is missing or does not match the body");
 		return;
 	}
 	if (!gh_word_ok(delivery, GH_FIELD_MAX)) {

@@ -6,6 +6,13 @@
  * access.rate_limited audit event. When Postgres cannot answer, the request
  * is refused with 503 (fail closed), never waved through.
  *
+ * A flood of refused requests must not turn into a flood of audit writes:
+ * a subject's (user's or address's) first refusal writes its event, and the
+ * answer waits for it; the refusals that follow within
+ * ratelimit_audit_fold_s are counted per worker and written as one event
+ * when the period is over ("refusals": n), so every 429 is accounted for at
+ * a bounded cost.
+ *
  * An organization's tier (orgs.rate_limit_per_min) replaces the user rate
  * for its members. The tiers are read for all organizations at once, at
  * most every org_limits_refresh_s per worker and never on the request's
@@ -19,13 +26,26 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <event2/event.h>
+
 #include "cloudsweep/log.h"
 #include "cloudsweep/ratelimit.h"
 #include "cloudsweep/worker.h"
 #include "auth_int.h"
 
-#define LIMIT_TIERS_MAX 16     /* distinct tier rates served; beyond, the default rate */
-#define LIMIT_ORGS_MAX  100000 /* organizations with a tier read at once */
+#define LIMIT_TIERS_MAX  16     /* distinct tier rates served; beyond, the default rate */
+#define LIMIT_ORGS_MAX   100000 /* organizations with a tier read at once */
+#define LIMIT_FOLD_SLOTS 1024   /* subjects whose refusals a worker folds at once */
+
+/* The refusals of one subject within its fold period. */
+struct limit_fold {
+	char subject[72];     /* "u:<user id>" or "a:<address>"; "" when free */
+	uint64_t since_ms;    /* when the subject's last event was written */
+	unsigned long folded; /* refusals answered since, without an event of their own */
+	/* what the summary event says */
+	char org_id[37], user_id[37], ip[64], method[16], path[128];
+	long long limit_per_min;
+};
 
 struct limit_org {
 	char org_id[37];
@@ -46,6 +66,8 @@ static struct {
 	struct db_query *q;  /* pending refresh, or NULL */
 	uint64_t fetched_ms; /* when the last refresh was asked for; 0: never */
 	bool full_logged;
+	struct limit_fold *folds; /* owned, LIMIT_FOLD_SLOTS, made at the first refusal */
+	struct event *fold_timer; /* owned: writes the folded refusals */
 } limit_g;
 
 static int limit_org_cmp(const void *a, const void *b)
@@ -140,8 +162,115 @@ static struct ratelimit *limit_for_org(const char *org_id, long long *tierp)
 	return t->rl;
 }
 
+static void limit_fold_written(void *arg, int status, const char *event_id)
+{
+	if (status != 0)
+		log_warnx("audit_write_failed",
+		          "folded access.rate_limited events were not written");
+}
+
+/* Write the refusals folded in f as one event and start a new period. */
+static void limit_fold_flush(struct limit_fold *f, uint64_t now)
+{
+	struct audit_event ev;
+	json_t *d;
+
+	if (f->folded > 0 && cs_worker != NULL && cs_worker->db != NULL) {
+		memset(&ev, 0, sizeof(ev));
+		ev.org_id = *f->org_id != '\0' ? f->org_id : NULL;
+		ev.actor = *f->user_id != '\0' ? f->user_id : NULL;
+		ev.ip = f->ip;
+		ev.event_type = "access.rate_limited";
+		ev.resource_id = f->path;
+		d = json_pack("{s:s, s:I, s:s, s:s, s:I}", "bucket",
+		              ev.actor != NULL ? "user" : "ip", "limit_per_min",
+		              (json_int_t)f->limit_per_min, "method", f->method, "path", f->path,
+		              "refusals", (json_int_t)f->folded);
+		ev.details = d;
+		if (d == NULL ||
+		    audit_write_standalone(cs_worker->db, &ev, limit_fold_written, NULL) == NULL)
+			log_warnx("audit_write_failed",
+			          "%lu folded refusals of one subject were "
+			          "not written",
+			          f->folded);
+		json_decref(d);
+	}
+	f->folded = 0;
+	f->since_ms = now;
+}
+
+/* Every half period: write the folds whose period is over, free the idle slots. */
+static void limit_fold_sweep(evutil_socket_t fd, short what, void *arg)
+{
+	uint64_t now = cs_now_ms(), period = (uint64_t)auth_g.cfg->ratelimit_audit_fold_s * 1000;
+
+	for (size_t i = 0; i < LIMIT_FOLD_SLOTS; i++) {
+		struct limit_fold *f = &limit_g.folds[i];
+
+		if (*f->subject == '\0' || now - f->since_ms < period)
+			continue;
+		if (f->folded > 0)
+			limit_fold_flush(f, now);
+		else
+			*f->subject = '\0';
+	}
+}
+
+/*
+ * Account one refusal of req's subject: true when it needs an event of its
+ * own (the first of a period), false when it was folded into the next one.
+ */
+static bool limit_fold(struct http_request *req, long long limit_per_min)
+{
+	uint64_t now = cs_now_ms(), period = (uint64_t)auth_g.cfg->ratelimit_audit_fold_s * 1000;
+	uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+	struct limit_fold *f;
+	char subject[72];
+	struct timeval tv;
+
+	if (limit_g.folds == NULL) {
+		if (cs_worker == NULL || cs_worker->base == NULL)
+			return true;
+		limit_g.folds = xcalloc(LIMIT_FOLD_SLOTS, sizeof(*limit_g.folds));
+		limit_g.fold_timer =
+		    event_new(cs_worker->base, -1, EV_PERSIST, limit_fold_sweep, NULL);
+		tv.tv_sec = auth_g.cfg->ratelimit_audit_fold_s > 1
+		                ? auth_g.cfg->ratelimit_audit_fold_s / 2
+		                : 1;
+		tv.tv_usec = 0;
+		if (limit_g.fold_timer == NULL || event_add(limit_g.fold_timer, &tv) == -1)
+			fatal("oom", "the rate-limit fold timer");
+	}
+	snprintf(subject, sizeof(subject), "%s:%s", req->auth.authenticated ? "u" : "a",
+	         req->auth.authenticated ? req->auth.user_id : req->client_ip);
+	for (const char *p = subject; *p != '\0'; p++)
+		h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+	f = &limit_g.folds[h % LIMIT_FOLD_SLOTS];
+	if (strcmp(f->subject, subject) == 0 && now - f->since_ms < period) {
+		f->folded++;
+		snprintf(f->method, sizeof(f->method), "%s", req->method);
+		snprintf(f->path, sizeof(f->path), "%s", req->route->pattern);
+		f->limit_per_min = limit_per_min;
+		return false;
+	}
+	limit_fold_flush(f, now); /* the slot's previous subject, if it has refusals to tell */
+	snprintf(f->subject, sizeof(f->subject), "%s", subject);
+	snprintf(f->org_id, sizeof(f->org_id), "%s",
+	         req->auth.authenticated ? req->auth.org_id : "");
+	snprintf(f->user_id, sizeof(f->user_id), "%s",
+	         req->auth.authenticated ? req->auth.user_id : "");
+	snprintf(f->ip, sizeof(f->ip), "%s", req->client_ip);
+	return true;
+}
+
 void auth_limit_free(void)
 {
+	if (limit_g.folds != NULL) /* last words: the pool may still send them */
+		for (size_t i = 0; i < LIMIT_FOLD_SLOTS; i++)
+			limit_fold_flush(&limit_g.folds[i], 0);
+	if (limit_g.fold_timer != NULL)
+		event_free(limit_g.fold_timer);
+	free(limit_g.folds);
 	if (limit_g.q != NULL)
 		db_query_cancel(limit_g.q);
 	for (int i = 0; i < limit_g.ntiers; i++)
@@ -175,15 +304,20 @@ static bool limit_refuse(struct http_request *req, enum rl_verdict v, int retry_
 		return true;
 	}
 	http_add_header(req, "Retry-After", ra);
-	details = json_pack(
-	    "{s:s, s:I, s:s, s:s, s:i}", "bucket", req->auth.authenticated ? "user" : "ip",
-	    "limit_per_min", (json_int_t)limit_per_min, "method", req->method, "path",
-	    req->route->pattern, "retry_after", retry_after_s > 0 ? retry_after_s : 1);
-	auth_audit_standalone(req, req->auth.authenticated ? req->auth.org_id : NULL,
-	                      req->auth.authenticated ? req->auth.user_id : NULL,
-	                      "access.rate_limited", req->route->pattern, details);
+	if (!limit_fold(req, limit_per_min)) {
+		http_error(req, 429, "rate_limited", "%s; retry after %s s", what, ra);
+		return true;
+	}
+	details =
+	    json_pack("{s:s, s:I, s:s, s:s, s:i, s:i}", "bucket",
+	              req->auth.authenticated ? "user" : "ip", "limit_per_min",
+	              (json_int_t)limit_per_min, "method", req->method, "path", req->route->pattern,
+	              "retry_after", retry_after_s > 0 ? retry_after_s : 1, "refusals", 1);
+	auth_audit_refuse(req, req->auth.authenticated ? req->auth.org_id : NULL,
+	                  req->auth.authenticated ? req->auth.user_id : NULL, "access.rate_limited",
+	                  req->route->pattern, details, 429, "rate_limited", "%s; retry after %s s",
+	                  what, ra);
 	json_decref(details);
-	http_error(req, 429, "rate_limited", "%s; retry after %s s", what, ra);
 	return true;
 }
 

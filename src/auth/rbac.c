@@ -166,10 +166,10 @@ void auth_mw_authenticate(struct http_request *req)
 			json_t *d =
 			    json_pack("{s:s, s:s}", "method", req->method, "path", rt->pattern);
 
-			auth_audit_standalone(req, req->auth.org_id, req->auth.user_id,
-			                      "access.csrf_failed", NULL, d);
+			auth_audit_refuse(req, req->auth.org_id, req->auth.user_id,
+			                  "access.csrf_failed", NULL, d, 403, "csrf_failed",
+			                  "missing or wrong X-CSRF-Token");
 			json_decref(d);
-			http_error(req, 403, "csrf_failed", "missing or wrong X-CSRF-Token");
 			return;
 		}
 	}
@@ -177,10 +177,10 @@ void auth_mw_authenticate(struct http_request *req)
 		json_t *d = json_pack("{s:s, s:s, s:s, s:s}", "permission", rt->perm, "method",
 		                      req->method, "path", rt->pattern, "role", req->auth.role);
 
-		auth_audit_standalone(req, req->auth.org_id, req->auth.user_id,
-		                      "access.permission_denied", NULL, d);
+		auth_audit_refuse(req, req->auth.org_id, req->auth.user_id,
+		                  "access.permission_denied", NULL, d, 403, "forbidden",
+		                  "your role lacks the permission %s", rt->perm);
 		json_decref(d);
-		http_error(req, 403, "forbidden", "your role lacks the permission %s", rt->perm);
 		return;
 	}
 	http_next(req);

@@ -20,6 +20,8 @@
  */
 #include "config.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -129,6 +131,67 @@ void auth_audit_standalone(struct http_request *req, const char *org, const char
 	ev.details = details;
 	if (audit_write_standalone(cs_worker->db, &ev, auth_standalone_cb, NULL) == NULL)
 		log_warnx("audit_write_failed", "standalone audit event %s refused", type);
+}
+
+/*
+ * A refusal whose answer waits for its audit row: a client flooding refused
+ * requests is held to the pace the trail can record them, instead of piling
+ * up writes that would time out in the pool queue and be lost.
+ */
+struct audit_refusal {
+	struct http_request *req; /* NULL once the request is abandoned */
+	int status;
+	char code[32];
+	char msg[256];
+};
+
+static void auth_refusal_answer(struct audit_refusal *r)
+{
+	if (r->req != NULL) {
+		http_set_cancel(r->req, NULL, NULL);
+		http_error(r->req, r->status, r->code, "%s", r->msg);
+	}
+	free(r);
+}
+
+static void auth_refusal_cb(void *arg, int status, const char *event_id)
+{
+	if (status != 0)
+		log_warnx("audit_write_failed", "a refusal's audit event could not be written");
+	auth_refusal_answer(arg);
+}
+
+static void auth_refusal_cancel(struct http_request *req, void *arg)
+{
+	((struct audit_refusal *)arg)->req = NULL; /* the write goes on; its callback frees */
+}
+
+void auth_audit_refuse(struct http_request *req, const char *org, const char *actor,
+                       const char *type, const char *resource_id, json_t *details, int status,
+                       const char *code, const char *fmt, ...)
+{
+	struct audit_refusal *r = xcalloc(1, sizeof(*r));
+	struct audit_event ev;
+	va_list ap;
+
+	r->req = req;
+	r->status = status;
+	snprintf(r->code, sizeof(r->code), "%s", code);
+	va_start(ap, fmt);
+	vsnprintf(r->msg, sizeof(r->msg), fmt, ap);
+	va_end(ap);
+	if (cs_worker == NULL || cs_worker->db == NULL) {
+		auth_refusal_answer(r);
+		return;
+	}
+	auth_audit_fill(&ev, req, org, actor, type);
+	ev.resource_id = resource_id;
+	ev.details = details;
+	http_set_cancel(req, auth_refusal_cancel, r);
+	if (audit_write_standalone(cs_worker->db, &ev, auth_refusal_cb, r) == NULL) {
+		log_warnx("audit_write_failed", "standalone audit event %s refused", type);
+		auth_refusal_answer(r);
+	}
 }
 
 int auth_op_audit_hmac(struct http_op *op, struct audit_event *ev, json_t *details, const char *key,

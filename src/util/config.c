@@ -117,6 +117,9 @@ const struct config_option config_options[] = {
 	    "Requests per minute from one authenticated user (0: no limit)."),
 	OPT(ratelimit_global_per_min, CONFIG_INT, "60000", 0, 1000000000, false,
 	    "Requests per minute across the whole deployment, a safety bucket (0: no limit)."),
+	OPT(ratelimit_audit_fold_s, CONFIG_INT, "60", 1, 3600, false,
+	    "A subject's first 429 writes an access.rate_limited event; its further refusals "
+	    "within this many seconds are counted and written as one event when they are over."),
 	OPT(login_block_threshold, CONFIG_INT, "5", 1, 1000, false,
 	    "Failed logins from one address within login_block_window_s that block it."),
 	OPT(login_block_window_s, CONFIG_INT, "300", 1, 86400, false,
