@@ -6,10 +6,15 @@
  * process (the client side only; the fake runs in its own process).
  *
  *   make contrib/bench/aws_calls
- *   ./contrib/bench/aws_calls [-n 10000] [-c 256] [-l 50] [-p 1] [-s]
+ *   ./contrib/bench/aws_calls [-n 10000] [-c 256] [-l 50] [-p 1] [-r 1] [-w 0] [-s]
  *
  * -s: HTTPS; -p N: N fake processes sharing the ports (SO_REUSEPORT), since
  * one Python process verifying every signature is slower than the client.
+ * -r R: R bursts of N calls; the heap in use (malloc's count of live bytes)
+ * is printed before the first, after each, and after the client is freed,
+ * showing whether memory returns to its baseline after a burst; -w S then
+ * idles S seconds (past the pool's 30 s idle timeout, the connections close)
+ * and prints it again.
  *
  * The latency bound is C / L: 256 / 0.05 s = 5,120 calls/s. The fake is a
  * threaded Python server that verifies every signature with botocore, so
@@ -29,6 +34,8 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <malloc.h>
 
 #include <event2/event.h>
 #include <jansson.h>
@@ -123,6 +130,14 @@ static void next_call(void)
 	}
 }
 
+/* Bytes malloc holds for live allocations (arenas and mmapped blocks). */
+static double heap_kib(void)
+{
+	struct mallinfo2 mi = mallinfo2();
+
+	return (double)(mi.uordblks + mi.hblkhd) / 1024.0;
+}
+
 static double tv_s(struct timeval tv)
 {
 	return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
@@ -137,14 +152,24 @@ int main(int argc, char **argv)
 	int latency = 50, ch, pfd[2], st;
 	bool tls = false;
 	size_t cap = 0;
-	uint64_t t0, t1;
+	uint64_t t0 = 0, t1;
 	pid_t fake_pids[16];
-	int nfakes = 1;
+	int nfakes = 1, rounds = 1, idle_s = 0;
+	double heap_idle = -1;
+	double heap0, heap_rounds[8];
 	FILE *fp;
 	json_t *j;
 
-	while ((ch = getopt(argc, argv, "n:c:l:p:s")) != -1) {
+	while ((ch = getopt(argc, argv, "n:c:l:p:r:w:s")) != -1) {
 		switch (ch) {
+		case 'w':
+			idle_s = atoi(optarg);
+			break;
+		case 'r':
+			rounds = atoi(optarg);
+			if (rounds < 1 || rounds > 8)
+				rounds = 1;
+			break;
 		case 'n':
 			total = atoi(optarg);
 			break;
@@ -260,11 +285,18 @@ int main(int argc, char **argv)
 	if (client == NULL)
 		return 1;
 
-	getrusage(RUSAGE_SELF, &ru0);
-	t0 = cs_now_us();
-	for (int i = 0; i < conc && issued < total; i++)
-		next_call();
-	event_base_dispatch(base);
+	heap0 = heap_kib();
+	for (int r = 0; r < rounds; r++) {
+		issued = done = 0;
+		if (r == rounds - 1) {
+			getrusage(RUSAGE_SELF, &ru0);
+			t0 = cs_now_us();
+		}
+		for (int i = 0; i < conc && issued < total; i++)
+			next_call();
+		event_base_dispatch(base);
+		heap_rounds[r] = heap_kib();
+	}
 	t1 = cs_now_us();
 	getrusage(RUSAGE_SELF, &ru1);
 	{
@@ -286,7 +318,20 @@ int main(int argc, char **argv)
 		       (unsigned long long)s.max_in_flight, (unsigned long long)s.attempts, nfakes,
 		       stats ? stats : "?");
 	}
+	if (idle_s > 0) {
+		struct timeval tv = { .tv_sec = idle_s };
+
+		event_base_loopexit(base, &tv);
+		event_base_dispatch(base);
+		heap_idle = heap_kib();
+	}
 	aws_client_free(client);
+	printf("heap_kib baseline=%.0f", heap0);
+	for (int r = 0; r < rounds; r++)
+		printf(" after_burst_%d=%.0f", r + 1, heap_rounds[r]);
+	if (heap_idle >= 0)
+		printf(" after_idle_%ds=%.0f", idle_s, heap_idle);
+	printf(" client_freed=%.0f\n", heap_kib());
 	event_base_free(base);
 	for (int i = 0; i < nfakes; i++)
 		kill(fake_pids[i], SIGTERM);
