@@ -81,9 +81,7 @@ struct config {
 	long long alert_retention_days;
 	long long retention_interval_s;
 	long long org_limits_refresh_s;
-	/* -- fields: alerts -- */
-	char *mfa_issuer; /* owned; the otpauth URI issuer */
-	/* -- fields: mfa -- */
+	char *mfa_issuer;                 /* owned; the otpauth URI issuer */
 	char *github_client_id;           /* owned; empty: GitHub login off */
 	char *github_client_secret_file;  /* owned */
 	char *github_web_url;             /* owned */
@@ -92,10 +90,8 @@ struct config {
 	char *github_app_url;             /* owned */
 	char *github_webhook_secret_file; /* owned; empty: webhooks refused */
 	char *github_ca_file;             /* owned; empty: the system store */
-	/* -- fields: github -- */
 	long long purge_after_days;
 	long long purge_interval_s;
-	/* -- fields: members -- */
 	long long aws_max_in_flight;
 	long long aws_max_in_flight_per_account;
 	long long aws_read_rate, aws_read_burst;
@@ -109,16 +105,13 @@ struct config {
 	char *aws_endpoint_urls;    /* owned; "SDK_ID=URL ..." */
 	char *aws_credentials_file; /* owned; empty: the environment */
 	long long aws_sts_refresh_before_s;
-	/* -- fields: awsclient -- */
 	char *aws_regions; /* owned; the region allow-list */
 	long long aws_verify_on_create;
 	long long rewrap_batch;
 	long long rewrap_interval_s;
-	char *vault_provider; /* owned; "file" ("kms" later) */
-	/* -- fields: creds -- */
+	char *vault_provider;   /* owned; "file" or "kms" */
 	char *vault_kms_key_id; /* owned; vault_provider = kms */
 	char *vault_kms_region; /* owned */
-	/* -- fields: verify -- */
 	long long scan_lease_s;
 	long long scan_max_attempts;
 	long long scan_max_running;
@@ -129,11 +122,9 @@ struct config {
 	long long scan_poll_s;
 	long long scan_longpoll_max;
 	char *scan_prices_file; /* owned */
-	/* -- fields: scans -- */
 	long long cleanup_max_items_per_request;
 	long long cleanup_max_items_per_day;
 	long long cleanup_grace_days;
-	/* -- fields: cleanup -- */
 
 	/* Derived by config_finish(); secrets are wiped by config_free(). */
 	char *db_password;   /* owned secret, or NULL */

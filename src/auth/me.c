@@ -205,11 +205,8 @@ void auth_routes(struct router *r)
 	auth_session_routes(r);
 	auth_me_routes(r);
 	auth_mfa_routes(r);
-	/* -- routes: mfa -- */
 	auth_github_routes(r);
-	/* -- routes: github -- */
 	auth_members_routes(r);
-	/* -- routes: members -- */
 }
 
 int auth_worker_init(struct event_base *base, const struct config *cfg, struct db_pool *pool)

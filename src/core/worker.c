@@ -166,21 +166,15 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 		router_use(w->router, auth_mw_ratelimit);
 		if (alerts_worker_init(w->base, cfg, w->db) == -1)
 			fatalx("alerts_init", "cannot start security alerts (alert_* options)");
-		/* -- init: alerts -- */
 		if (auth_github_init(w->base, cfg) == -1)
 			fatalx("github_init", "cannot start GitHub sign-in (github_* options)");
-		/* -- init: github -- */
 		privacy_purge_start(w->base, cfg, w->db);
-		/* -- init: members -- */
 		if (aws_worker_init(w->base, cfg) == -1)
 			fatalx("aws_init", "cannot start the AWS client (aws_* options)");
-		/* -- init: awsclient -- */
 		if (creds_worker_init(w->base, cfg, w->db) == -1)
 			fatalx("creds_init", "cannot start the credential store (aws_regions)");
-		/* -- init: creds -- */
 		if (scan_worker_init(w->base, cfg, w->db) == -1)
 			fatalx("scan_init", "cannot start scanning (scan_prices_file)");
-		/* -- init: scans -- */
 		worker_routes(w->router);
 		w->ev_checkpoint = event_new(w->base, -1, EV_PERSIST, worker_checkpoint_cb, w);
 		if (w->ev_checkpoint == NULL)
@@ -217,17 +211,11 @@ int worker_run(int id, struct config *cfg, const char *config_path, int listen_f
 		audit_sign_cancel(w->checkpoint);
 	if (w->db != NULL) {
 		alerts_worker_free();
-		/* -- free: alerts -- */
 		auth_github_free();
-		/* -- free: github -- */
 		privacy_purge_stop();
-		/* -- free: members -- */
 		aws_worker_free();
-		/* -- free: awsclient -- */
 		creds_worker_free();
-		/* -- free: creds -- */
 		scan_worker_free();
-		/* -- free: scans -- */
 		auth_worker_free();
 		vault_worker_free();
 		audit_shutdown();

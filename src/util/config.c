@@ -159,11 +159,9 @@ const struct config_option config_options[] = {
 	OPT(org_limits_refresh_s, CONFIG_INT, "30", 1, 3600, false,
 	    "How long a worker trusts its copy of the per-organization rate tiers "
 	    "(orgs.rate_limit_per_min), seconds."),
-	/* -- options: alerts -- */
 	OPT(mfa_issuer, CONFIG_STRING, "CloudSweep", 0, 0, true,
 	    "Issuer named in TOTP enrollment URIs (what authenticator apps show); 1-256 bytes, "
 	    "no colon."),
-	/* -- options: mfa -- */
 	OPT(github_client_id, CONFIG_STRING, "", 0, 0, false,
 	    "Client id of the GitHub OAuth app; empty turns GitHub login off (404)."),
 	OPT(github_client_secret_file, CONFIG_PATH, "", 0, 0, false,
@@ -183,13 +181,11 @@ const struct config_option config_options[] = {
 	OPT(github_ca_file, CONFIG_PATH, "", 0, 0, false,
 	    "PEM CA bundle trusted for the calls to GitHub instead of the system store; empty: "
 	    "the system store."),
-	/* -- options: github -- */
 	OPT(purge_after_days, CONFIG_INT, "30", 0, 3650, true,
 	    "Days after a user deletes their account before the purge job hard-deletes its "
 	    "personal data (email, name, password hash, GitHub link, sessions, MFA)."),
 	OPT(purge_interval_s, CONFIG_INT, "3600", 1, 86400, false,
 	    "How often each worker runs the purge job for deleted accounts, seconds."),
-	/* -- options: members -- */
 	OPT(aws_max_in_flight, CONFIG_INT, "256", 1, 100000, false,
 	    "AWS API requests outstanding at once per worker, all accounts together."),
 	OPT(aws_max_in_flight_per_account, CONFIG_INT, "64", 1, 100000, false,
@@ -228,7 +224,6 @@ const struct config_option config_options[] = {
 	    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN."),
 	OPT(aws_sts_refresh_before_s, CONFIG_INT, "300", 0, 43200, false,
 	    "Cached role credentials are renewed this many seconds before they expire."),
-	/* -- options: awsclient -- */
 	OPT(aws_regions, CONFIG_STRING,
 	    "us-east-1 us-east-2 us-west-1 us-west-2 af-south-1 ap-east-1 ap-south-1 ap-south-2 "
 	    "ap-southeast-1 ap-southeast-2 ap-southeast-3 ap-southeast-4 ap-northeast-1 "
@@ -250,13 +245,11 @@ const struct config_option config_options[] = {
 	OPT(vault_provider, CONFIG_STRING, "file", 0, 0, false,
 	    "Where key-encryption keys come from: file (vault_key_dir and/or "
 	    "CLOUDSWEEP_VAULT_KEKS). kms (AWS KMS) is planned and refused for now."),
-	/* -- options: creds -- */
 	OPT(vault_kms_key_id, CONFIG_STRING, "", 0, 0, false,
 	    "vault_provider = kms: the KMS key (id, ARN or alias/...) that wraps the "
 	    "key-encryption keys stored as kek-<N>.kms in vault_key_dir."),
 	OPT(vault_kms_region, CONFIG_STRING, "", 0, 0, false,
 	    "vault_provider = kms: the region of vault_kms_key_id (e.g. eu-west-1)."),
-	/* -- options: verify -- */
 	OPT(scan_lease_s, CONFIG_INT, "30", 3, 3600, false,
 	    "Lease a worker holds on a scan unit, seconds; renewed every third of it. A unit "
 	    "whose worker died is claimed again once its lease lapses."),
@@ -276,7 +269,6 @@ const struct config_option config_options[] = {
 	    "Long polls one worker keeps parked; more are answered 503."),
 	OPT(scan_prices_file, CONFIG_PATH, "", 0, 0, false,
 	    "The price table (prices.json); empty: data/prices.json next to sql_dir."),
-	/* -- options: scans -- */
 	OPT(cleanup_max_items_per_request, CONFIG_INT, "10", 1, 1000, false,
 	    "Waste items one cleanup request may act on (POST /waste-items/cleanup ids); more "
 	    "are refused 409 cleanup_batch_too_large."),
@@ -286,7 +278,6 @@ const struct config_option config_options[] = {
 	OPT(cleanup_grace_days, CONFIG_INT, "0", 0, 365, false,
 	    "Mark-then-act: at approval tag the resource cloudsweep:marked-for-deletion=<date> "
 	    "and refuse its cleanup until this many days passed; 0: off."),
-	/* -- options: cleanup -- */
 	{ NULL, 0, NULL, 0, 0, false, 0, NULL },
 };
 
