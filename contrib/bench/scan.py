@@ -2,7 +2,9 @@
 """Scan benchmark (run through contrib/bench/scan.sh).
 
 Starts a throwaway Postgres, several fake AWS processes sharing one HTTPS port
-(SO_REUSEPORT, the same seed, 50 ms latency on every call) and cloudsweepd with
+(SO_REUSEPORT, the same seed, 50 ms latency on every call; --prerender renders the
+seeded resources' XML at start-up, so the fakes' CPU during the scan is mostly
+signature checks and HTTP, not the daemon's competition) and cloudsweepd with
 the integration-test harness (tests/integration/conftest.py); creates ACCOUNTS
 key-pair accounts of one organization, each with REGIONS regions holding about
 RESOURCES resources, runs one scan of every account and region with every
@@ -131,7 +133,8 @@ def main():
             p = subprocess.Popen(
                 ["/usr/bin/python3", str(TOP / "tests" / "fakes" / "fake_aws.py"),
                  "--http-port", "0", "--https-port", str(port), "--cert", tls[0], "--key",
-                 tls[1], "--seed", str(seed), "--faults", str(faults), "--reuse-port"],
+                 tls[1], "--seed", str(seed), "--faults", str(faults), "--reuse-port",
+                 "--prerender"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             fakes.append(p)
             ports = json.loads(p.stdout.readline())
@@ -151,23 +154,34 @@ def main():
             "argon2_memory_kib": 1024, "argon2_iterations": 1,
             "aws_endpoint_url": f"https://127.0.0.1:{port}", "aws_ca_file": tls[0],
             "aws_verify_on_create": 0, "aws_regions": ",".join(REGIONS),
-            "scan_worker_units": int(os.environ.get("BENCH_UNITS", "256")), "scan_max_running": 100000,
+            "scan_worker_units": int(os.environ.get("BENCH_UNITS", "32")),
+            "aws_max_in_flight": int(os.environ.get("BENCH_IN_FLIGHT", "256")),
+            "scan_max_running": 100000,
             "scan_max_running_per_org": 100000, "max_body_bytes": 65536,
             "ratelimit_user_per_min": 100000000, "ratelimit_anon_per_min": 100000000,
             "ratelimit_global_per_min": 1000000000, "login_block_threshold": 1000})
         s.start()
         conftest.wait_until(lambda: s.get("/ready").status == 200, 30, what="ready")
+        def call(*args, **kw):
+            """s.https, retried while the daemon answers 503 (its pool still connecting)."""
+            deadline = time.monotonic() + 30
+            while True:
+                r = s.https(*args, **kw)
+                if r.status != 503 or time.monotonic() > deadline:
+                    return r
+                time.sleep(0.2)
+
         email = "bench@example.com"
         hj = {"Content-Type": "application/json"}
-        r = s.https("POST", "/api/v1/auth/signup", headers=hj, body=json.dumps(
+        r = call("POST", "/api/v1/auth/signup", headers=hj, body=json.dumps(
             {"email": email, "password": PASSWORD, "org_name": "Bench"}).encode())
         assert r.status == 201, r
-        r = s.https("POST", "/api/v1/auth/login", headers=hj, body=json.dumps(
+        r = call("POST", "/api/v1/auth/login", headers=hj, body=json.dumps(
             {"email": email, "password": PASSWORD}).encode())
         h = {**hj, "Authorization": f"Bearer {r.json()['access_token']}"}
         ids = []
         for acct, kid, secret in keys:
-            r = s.https("POST", "/api/v1/aws-accounts", headers=h, body=json.dumps(
+            r = call("POST", "/api/v1/aws-accounts", headers=h, body=json.dumps(
                 {"account_id": acct, "account_name": "bench", "access_key_id": kid,
                  "secret_access_key": secret, "regions": REGIONS}).encode())
             assert r.status == 201, r

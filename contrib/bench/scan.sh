@@ -8,7 +8,9 @@
 # usage: contrib/bench/scan.sh [build-dir]   (default: build)
 # env:   BENCH_WORKERS (2) BENCH_ACCOUNTS (100) BENCH_REGIONS (10)
 #        BENCH_RESOURCES (200) BENCH_LATENCY_MS (50) BENCH_FAKES (3)
-#        BENCH_UNITS (256: units a worker runs at once)
+#        BENCH_UNITS (32: units a worker runs at once; 256 oversubscribes the
+#        2 cores and the database pool: slower, and credential loads time out)
+#        BENCH_IN_FLIGHT (256: the daemon's aws_max_in_flight per worker)
 # Needs: Debian's python3 with python3-botocore, PostgreSQL server binaries.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)

@@ -478,15 +478,14 @@ const char *det_protect_tag(const struct det *d)
 
 const char *det_str(const json_t *item, const char *path)
 {
-	char part[64];
-	const char *p = path, *slash;
+	const char *p = path;
 
+	/* Hot: called for every field of every resource, so no copy of each part. */
 	while (item != NULL && *p != '\0') {
-		slash = strchr(p, '/');
-		snprintf(part, sizeof(part), "%.*s",
-		         (int)(slash != NULL ? slash - p : (long)strlen(p)), p);
-		item = json_object_get(item, part);
-		p = slash != NULL ? slash + 1 : p + strlen(p);
+		size_t n = strcspn(p, "/");
+
+		item = json_object_getn(item, p, n);
+		p += p[n] == '/' ? n + 1 : n;
 	}
 	return json_string_value(item);
 }

@@ -98,12 +98,28 @@ static time_t ec2_stopped_at(const json_t *inst)
 	return timegm(&tm);
 }
 
+/* item/path -> item for every item of list that has it (the first one wins), borrowed values. */
+static json_t *ec2_index(const json_t *list, const char *path)
+{
+	json_t *idx = json_object(), *it;
+	size_t k;
+
+	json_array_foreach (list, k, it) {
+		const char *key = det_str(it, path);
+
+		if (key != NULL && json_object_get(idx, key) == NULL)
+			json_object_set_nocheck(idx, key, it);
+	}
+	return idx;
+}
+
 static void ec2_volumes(struct det *d, json_t *instances)
 {
 	time_t now = time(NULL);
 	long long stopped_days = det_setting(d, "ebs_stopped_days", 30);
 	json_t *v, *inst;
-	size_t k, j;
+	json_t *by_id = ec2_index(instances, "instanceId"); /* owned; one lookup per volume */
+	size_t k;
 
 	json_array_foreach (det_list(d, "volumes"), k, v) {
 		const char *id = det_str(v, "volumeId"), *state = det_str(v, "status");
@@ -135,45 +151,41 @@ static void ec2_volumes(struct det *d, json_t *instances)
 		    strcmp(state, "in-use") != 0)
 			continue;
 		json_t *att = json_array_get(json_object_get(v, "attachmentSet"), 0);
-		const char *iid = det_str(att, "instanceId");
+		const char *iid = det_str(att, "instanceId"), *st;
+		time_t at;
 
-		json_array_foreach (instances, j, inst) {
-			const char *st = det_str(inst, "instanceState/name");
-			time_t at;
+		inst = iid != NULL ? json_object_get(by_id, iid) : NULL;
+		if (inst == NULL || (st = det_str(inst, "instanceState/name")) == NULL ||
+		    strcmp(st, "stopped") != 0 || det_protected(d, inst))
+			continue;
+		at = ec2_stopped_at(inst);
+		if (at != -1 && now - at > stopped_days * DAY_S) {
+			json_t *det =
+			    ec2_volume_details(v, "attached to an instance stopped for long");
 
-			if (iid == NULL || det_str(inst, "instanceId") == NULL ||
-			    strcmp(det_str(inst, "instanceId"), iid) != 0)
-				continue;
-			if (st == NULL || strcmp(st, "stopped") != 0 || det_protected(d, inst))
-				break;
-			at = ec2_stopped_at(inst);
-			if (at != -1 && now - at > stopped_days * DAY_S) {
-				json_t *det = ec2_volume_details(
-				    v, "attached to an instance stopped for long");
-
-				json_object_set_new(det, "instance_id", json_string(iid));
-				json_object_set_new(det, "stopped_days",
-				                    json_integer((json_int_t)((now - at) / DAY_S)));
-				det_item(d, "ebs_stopped_instance", id, det, cost);
-			}
-			break;
+			json_object_set_new(det, "instance_id", json_string(iid));
+			json_object_set_new(det, "stopped_days",
+			                    json_integer((json_int_t)((now - at) / DAY_S)));
+			det_item(d, "ebs_stopped_instance", id, det, cost);
 		}
 	}
+	json_decref(by_id);
 }
 
-static bool ec2_snapshot_used(struct det *d, const char *snap)
+/* The snapshot ids the account's AMIs use, as the keys of an object. */
+static json_t *ec2_snapshots_used(struct det *d)
 {
-	json_t *img, *b;
+	json_t *used = json_object(), *img, *b;
 	size_t k, j;
 
 	json_array_foreach (det_list(d, "images"), k, img)
 		json_array_foreach (json_object_get(img, "blockDeviceMapping"), j, b) {
 			const char *s = det_str(b, "ebs/snapshotId");
 
-			if (s != NULL && strcmp(s, snap) == 0)
-				return true;
+			if (s != NULL)
+				json_object_set_new_nocheck(used, s, json_true());
 		}
-	return false;
+	return used;
 }
 
 static bool ec2_by_backup(const json_t *s)
@@ -194,26 +206,23 @@ static void ec2_snapshots(struct det *d)
 {
 	time_t now = time(NULL);
 	long long min_days = det_setting(d, "snapshot_min_age_days", 30);
-	json_t *s, *v;
-	size_t k, j;
+	json_t *s, *used, *volumes;
+	size_t k;
 
 	if (det_skipped(d, "ebs_snapshot_orphaned"))
 		return;
+	used = ec2_snapshots_used(d);                            /* owned */
+	volumes = ec2_index(det_list(d, "volumes"), "volumeId"); /* owned */
 	json_array_foreach (det_list(d, "snapshots"), k, s) {
 		const char *id = det_str(s, "snapshotId"), *vol = det_str(s, "volumeId");
 		time_t started = det_time(det_str(s, "startTime"));
-		bool exists = false;
 		double usd = 0;
 
 		if (id == NULL || det_protected(d, s) || started == -1 ||
-		    now - started <= min_days * DAY_S || ec2_snapshot_used(d, id) ||
+		    now - started <= min_days * DAY_S || json_object_get(used, id) != NULL ||
 		    ec2_by_backup(s))
 			continue;
-		json_array_foreach (det_list(d, "volumes"), j, v)
-			if (vol != NULL && det_str(v, "volumeId") != NULL &&
-			    strcmp(det_str(v, "volumeId"), vol) == 0)
-				exists = true;
-		if (exists)
+		if (vol != NULL && json_object_get(volumes, vol) != NULL)
 			continue;
 		if (pricing_snapshot_monthly(scan_prices(), d->run->region,
 		                             ec2_num(s, "volumeSize"), &usd) == -1)
@@ -225,6 +234,8 @@ static void ec2_snapshots(struct det *d)
 		                   "age_days", (json_int_t)((now - started) / DAY_S)),
 		         usd);
 	}
+	json_decref(used);
+	json_decref(volumes);
 }
 
 static void ec2_addresses_enis(struct det *d)

@@ -24,6 +24,7 @@ import binascii
 import copy
 import datetime
 import fnmatch
+import functools
 import hashlib
 import hmac
 import json
@@ -133,7 +134,7 @@ def parse_time(v):
     return d if d.tzinfo else d.replace(tzinfo=datetime.timezone.utc)
 
 
-def iso(v):
+def _iso(v):
     d = parse_time(v)
     if d is None:
         return None
@@ -141,9 +142,25 @@ def iso(v):
         d.microsecond // 1000)
 
 
+_iso_cached = functools.lru_cache(maxsize=1 << 16)(_iso)
+
+
+def iso(v):
+    # Rendering formats the same seeded timestamps over and over: memoise (a pure function).
+    try:
+        return _iso_cached(v)
+    except TypeError:  # unhashable input
+        return _iso(v)
+
+
+_ESC_NEEDED = re.compile(r'[&<>"]')
+
+
 def esc(s):
-    return (str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace('"', "&quot;"))
+    s = str(s)
+    if _ESC_NEEDED.search(s) is None:  # the common case: nothing to escape
+        return s
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
 def xbool(v):
@@ -154,9 +171,9 @@ def t(tag, value):
     """<tag>value</tag>, or nothing when value is None."""
     if value is None:
         return ""
-    if isinstance(value, bool):
+    if value is True or value is False:
         value = xbool(value)
-    return "<%s>%s</%s>" % (tag, esc(value), tag)
+    return "<" + tag + ">" + esc(value) + "</" + tag + ">"
 
 
 def n(tag, *parts):
@@ -270,6 +287,7 @@ class State:
 
     def reset(self):
         with self.lock:
+            render_invalidate()
             self.accounts = {}
             self.keys = {}  # access key id → credential record
             self.regions = list(DEFAULT_REGIONS)
@@ -289,6 +307,7 @@ class State:
 
     def seed(self, doc):
         with self.lock:
+            render_invalidate()
             if "page_size" in doc:
                 self.page_size = max(1, int(doc["page_size"]))
             if "regions" in doc:
@@ -589,6 +608,23 @@ class ReceivedRequestSigner(botocore.auth.SigV4Auth):
     def __init__(self, credentials, service, region, signed_headers):
         super().__init__(credentials, service, region)
         self._signed = signed_headers
+
+    _keys = {}  # (secret, day, region, service) -> signing key
+    _keys_lock = threading.Lock()
+
+    def signature(self, string_to_sign, request):
+        ck = (self.credentials.secret_key, request.context["timestamp"][0:8], self._region_name,
+              self._service_name)
+        with self._keys_lock:
+            k_signing = self._keys.get(ck)
+        if k_signing is None:
+            k_date = self._sign(("AWS4" + ck[0]).encode(), ck[1])
+            k_signing = self._sign(self._sign(self._sign(k_date, ck[2]), ck[3]), "aws4_request")
+            with self._keys_lock:
+                if len(self._keys) >= 100000:
+                    self._keys.clear()
+                self._keys[ck] = k_signing
+        return self._sign(k_signing, string_to_sign, hex=True)
 
     def headers_to_sign(self, request):
         out = HTTPHeaders()
@@ -1040,6 +1076,34 @@ def ec2_by_ids(c, kind, field, ids, code, what):
     return seq
 
 
+# Rendered resources are cached: a resource renders the same until something changes the state.
+# Every change goes through a mutating action or a seed/reset, which calls render_invalidate()
+# (under the state lock, before and after), so a cached rendering is never stale. The cache
+# holds the resource itself, so its id() cannot be reused while the entry lives.
+_render_caches = []
+
+
+def render_invalidate():
+    for cache in _render_caches:
+        cache.clear()
+
+
+def cached_render(fn):
+    cache = {}
+    _render_caches.append(cache)
+
+    @functools.wraps(fn)
+    def render(res):
+        hit = cache.get(id(res))
+        if hit is not None and hit[0] is res:
+            return hit[1]
+        out = fn(res)
+        cache[id(res)] = (res, out)
+        return out
+    return render
+
+
+@cached_render
 def render_volume(v):
     att = items("attachmentSet", v["Attachments"], lambda a: (
         t("volumeId", v["VolumeId"]) + t("instanceId", a.get("InstanceId"))
@@ -1053,6 +1117,7 @@ def render_volume(v):
             + t("multiAttachEnabled", v.get("MultiAttachEnabled", False)))
 
 
+@cached_render
 def render_snapshot(s):
     return (t("snapshotId", s["SnapshotId"]) + t("volumeId", s["VolumeId"])
             + t("status", s["State"]) + t("startTime", iso(s["StartTime"]))
@@ -1061,6 +1126,7 @@ def render_snapshot(s):
             + t("encrypted", s["Encrypted"]) + t("storageTier", s["StorageTier"]) + ec2_tagset(s))
 
 
+@cached_render
 def render_image(i):
     bdm = items("blockDeviceMapping", i["BlockDeviceMappings"], lambda b: (
         t("deviceName", b["DeviceName"]) + (n("ebs", t("snapshotId", b["Ebs"].get("SnapshotId"))
@@ -1080,6 +1146,7 @@ def render_image(i):
             + t("deprecationTime", iso(i.get("DeprecationTime"))))
 
 
+@cached_render
 def render_address(a):
     return (t("publicIp", a["PublicIp"]) + t("allocationId", a["AllocationId"])
             + t("domain", a["Domain"]) + t("instanceId", a.get("InstanceId"))
@@ -1090,6 +1157,7 @@ def render_address(a):
             + t("networkBorderGroup", a["NetworkBorderGroup"]))
 
 
+@cached_render
 def render_instance(i):
     bdm = items("blockDeviceMapping", i["BlockDeviceMappings"], lambda b: (
         t("deviceName", b.get("DeviceName", "/dev/xvda"))
@@ -1111,6 +1179,7 @@ def render_instance(i):
             + ec2_tagset(i))
 
 
+@cached_render
 def render_nat(g):
     addrs = items("natGatewayAddressSet", g["NatGatewayAddresses"], lambda a: (
         t("allocationId", a.get("AllocationId")) + t("networkInterfaceId", a.get("NetworkInterfaceId"))
@@ -1121,6 +1190,7 @@ def render_nat(g):
             + t("connectivityType", g["ConnectivityType"]))
 
 
+@cached_render
 def render_eni(e):
     att = e.get("Attachment")
     attx = n("attachment", t("attachmentId", att["AttachmentId"])
@@ -2010,9 +2080,25 @@ class Req:
         self.query_pairs = parse_qsl(parts.query, keep_blank_values=True)
         self.headers = headers
         self.body = body
+        self._params = None
+        # One pass over the headers: email.message.Message.get scans and re-parses them all on
+        # every lookup, and a request looks up about twenty. The first of a name wins, as in get.
+        self._by_name = {}
+        for k, v in headers.items():
+            self._by_name.setdefault(k.lower(), v)
 
     def header(self, name):
-        return self.headers.get(name)
+        return self._by_name.get(name.lower())
+
+    def params(self):
+        """Query parameters, then a form body's (parsed once: GetMetricData bodies are big)."""
+        if self._params is None:
+            params = dict(self.query_pairs)
+            if self.body and "x-www-form-urlencoded" in (self.header("content-type") or ""):
+                params.update(parse_qsl(self.body.decode("utf-8", "replace"),
+                                        keep_blank_values=True))
+            self._params = params
+        return self._params
 
 
 def classify(req):
@@ -2028,9 +2114,7 @@ def classify(req):
     scope = auth["service"] if auth else None
     if scope == "kms" or (scope is None and target.startswith("TrentService.")):
         return "kms", auth, err
-    params = dict(req.query_pairs)
-    if req.body and "x-www-form-urlencoded" in (req.header("content-type") or ""):
-        params.update(parse_qsl(req.body.decode("utf-8", "replace"), keep_blank_values=True))
+    params = req.params()
     version = params.get("Version")
     if scope == "elasticloadbalancing" or (scope is None and version in ("2015-12-01",
                                                                          "2012-06-01")):
@@ -2232,10 +2316,7 @@ class Handler(BaseHTTPRequestHandler):
                 entry["params"] = {k: ("<redacted>" if k == "Plaintext" else v)
                                    for k, v in (kms_body or {}).items()}
             else:
-                params = dict(req.query_pairs)
-                if req.body and "x-www-form-urlencoded" in (req.header("content-type") or ""):
-                    params.update(parse_qsl(req.body.decode("utf-8", "replace"),
-                                            keep_blank_values=True))
+                params = dict(req.params())
                 action = params.get("Action")
                 entry["params"] = {k: v for k, v in params.items()
                                    if k not in ("Action", "Version")}
@@ -2292,7 +2373,14 @@ class Handler(BaseHTTPRequestHandler):
             # EC2's mutating actions check inside, so that DryRun answers the same way.
             ctx.permit(IAM_PREFIX[service] + ":" + action)
         with state.lock:
-            body = fn(ctx)
+            if action.startswith(("Describe", "Get")):
+                body = fn(ctx)
+            else:  # it may change what a resource renders as
+                render_invalidate()
+                try:
+                    body = fn(ctx)
+                finally:
+                    render_invalidate()
         if service == "ec2":
             return 200, ec2_ok(action, reqid, body).encode(), "text/xml;charset=UTF-8"
         return 200, query_ok(service, action, reqid, body).encode(), "text/xml"
@@ -2396,6 +2484,19 @@ class Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def prerender(state):
+    """Render every seeded resource into the cache now, not while answering (benchmarks)."""
+    kinds = {"volumes": render_volume, "snapshots": render_snapshot, "images": render_image,
+             "addresses": render_address, "instances": render_instance,
+             "nat_gateways": render_nat, "network_interfaces": render_eni}
+    with state.lock:
+        for acct in state.accounts.values():
+            for reg in acct["regions"].values():
+                for kind, fn in kinds.items():
+                    for res in reg[kind]:
+                        fn(res)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Fake AWS for CloudSweep tests")
     ap.add_argument("--host", default="127.0.0.1")
@@ -2409,16 +2510,22 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--faults",
                     help="JSON file of fault rules to start with (as POST /__fake/faults)")
+    ap.add_argument("--prerender", action="store_true",
+                    help="render the seeded resources at start-up rather than on first use "
+                         "(benchmarks: the answers are the same, the fake's CPU is not)")
     ap.add_argument("--reuse-port", action="store_true",
                     help="bind with SO_REUSEPORT, so several fakes (same --seed/--faults) can "
                          "share the ports for benchmarks; each keeps its own state")
     args = ap.parse_args(argv)
 
     threading.stack_size(512 * 1024)
+    sys.setswitchinterval(0.05)
     state = State(args.kms_seed)
     if args.seed:
         with open(args.seed) as f:
             state.seed(json.load(f))
+        if args.prerender:
+            prerender(state)
     if args.faults:
         with open(args.faults) as f:
             doc = json.load(f)

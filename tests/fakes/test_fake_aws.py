@@ -575,6 +575,30 @@ def test_mutations_and_dry_run(aws, call, kwargs, code, status):
         assert [v["VolumeId"] for v in vols["Volumes"]] == ["vol-02"]
 
 
+def test_rendering_cache_follows_changes(aws):
+    """Describes after a change show it, though the resources were rendered (cached) before."""
+    ec2 = aws.customer("ec2")
+
+    def vol(vid):
+        return ec2.describe_volumes(VolumeIds=[vid])["Volumes"][0]
+
+    def inst(iid):
+        return ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+
+    assert "Tags" not in vol("vol-02") or not any(t["Key"] == "k" for t in vol("vol-02")["Tags"])
+    assert inst("i-run")["State"]["Name"] == "running"
+    ec2.create_tags(Resources=["vol-02"], Tags=[{"Key": "k", "Value": "v"}])
+    ec2.modify_volume(VolumeId="vol-02", Size=50)
+    ec2.stop_instances(InstanceIds=["i-run"])
+    assert {"Key": "k", "Value": "v"} in vol("vol-02")["Tags"]
+    assert vol("vol-02")["Size"] == 50
+    assert inst("i-run")["State"]["Name"] == "stopped"
+    aws.control("POST", "reset", world())
+    again = aws.customer("ec2")  # the reset dropped the session credentials too
+    assert again.describe_instances(InstanceIds=["i-run"])["Reservations"][0]["Instances"][0][
+        "State"]["Name"] == "running"
+
+
 def test_base_key_deny_list(aws):
     ec2 = aws.client("ec2", LIMITED_AKID, LIMITED_SECRET)
     ec2.describe_volumes()
