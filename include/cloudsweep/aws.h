@@ -267,7 +267,7 @@ enum aws_service {
 #define AWS_DEFAULT_BACKOFF_MAX_MS        20000
 #define AWS_DEFAULT_MAX_RESPONSE          (16u << 20)
 #define AWS_DEFAULT_STS_REFRESH_S         300
-#define AWS_PARAMS_MAX                    512 /* query parameters of one call */
+#define AWS_PARAMS_MAX                    4096 /* query parameters of one call */
 
 /*
  * Client settings; a zero field takes the default above. Endpoints: a

@@ -280,6 +280,8 @@ static void det_iso(time_t t, char *buf, size_t len)
 	strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
+_Static_assert(DET_CW_BATCH * 7 + 5 <= AWS_PARAMS_MAX, "a full GetMetricData batch fits a call");
+
 /* Turn the queued metric queries into GetMetricData calls of up to DET_CW_BATCH queries. */
 static void det_metrics_flush(struct det *d)
 {

@@ -18,11 +18,9 @@
 #include "cloudsweep/aws.h"
 #include "cloudsweep/scan.h"
 
-#define DET_IN_FLIGHT  4  /* AWS calls in flight per detector run */
-#define DET_PARAMS_MAX 16 /* parameters of one queued describe */
-#define DET_CW_BATCH                                                   \
-	72 /* GetMetricData queries per call: 7 parameters each within \
-	       AWS_PARAMS_MAX (AWS itself takes 500) */
+#define DET_IN_FLIGHT  4   /* AWS calls in flight per detector run */
+#define DET_PARAMS_MAX 16  /* parameters of one queued describe */
+#define DET_CW_BATCH   500 /* GetMetricData queries per call (AWS's maximum), 7 parameters each */
 
 struct det;
 
