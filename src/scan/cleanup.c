@@ -16,8 +16,9 @@
  * audit event in one transaction. Blast radius: a request acts on at most
  * cleanup_max_items_per_request items and an organization on at most
  * cleanup_max_items_per_day per 24 hours. Before the first change in AWS the
- * item is claimed (outcome.in_progress), so two requests never act on it at
- * once. Mark-then-act (cleanup_grace_days > 0): approval tags EC2 resources
+ * item is claimed (outcome.in_progress, cleanup_claim in sql/012), so two
+ * requests never act on it at once and racing requests never exceed the
+ * daily cap. Mark-then-act (cleanup_grace_days > 0): approval tags EC2 resources
  * cloudsweep:marked-for-deletion=<date> (scan_cleanup_mark) and cleanup is
  * refused until the grace period after approval passed.
  */
@@ -551,28 +552,30 @@ static void cleanup_advance(struct cleanup *c, enum cleanup_event ev, enum db_ev
 		{
 			/*
 			 * Claim the item before the first change in AWS, so two requests
-			 * never act on it at once; a claim older than 10 minutes (a worker
-			 * that died mid-action) may be taken over.
+			 * never act on it at once, within the organization's daily cap
+			 * (cleanup_claim in sql/012 holds it across racing requests).
 			 */
-			const char *p[3] = { id, req->auth.org_id, req->auth.user_id };
+			char cap[24];
+			const char *p[4] = { id, req->auth.org_id, req->auth.user_id, cap };
 
+			snprintf(cap, sizeof(cap), "%lld", scan_g.cfg->cleanup_max_items_per_day);
 			op->state = CLEANUP_CLAIM;
-			(void)http_op_query(op,
-			                    "UPDATE waste_items SET outcome = "
-			                    "jsonb_build_object('in_progress', true, "
-			                    "'by', $3::text, 'attempted_at', audit_rfc3339(now())) "
-			                    "WHERE id = $1::uuid "
-			                    "AND org_id = $2::uuid AND status = 'approved' AND NOT "
-			                    "coalesce(outcome->>"
-			                    "'in_progress' = 'true' AND "
-			                    "(outcome->>'attempted_at')::timestamptz > now() "
-			                    "- interval '10 minutes', false) RETURNING 1",
-			                    3, p);
+			(void)http_op_query(
+			    op, "SELECT cleanup_claim($1::uuid, $2::uuid, $3, $4::int)", 4, p);
 		}
 		return;
 	}
 	case CLEANUP_CLAIM:
-		if (PQntuples(res) != 1) {
+		if (PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "limit") == 0) {
+			char msg[128];
+
+			snprintf(msg, sizeof(msg),
+			         "the organization may clean up %lld items per day",
+			         scan_g.cfg->cleanup_max_items_per_day);
+			cleanup_item_error(c, 429, "cleanup_daily_limit", msg);
+			return;
+		}
+		if (PQntuples(res) != 1 || strcmp(PQgetvalue(res, 0, 0), "claimed") != 0) {
 			cleanup_item_error(c, 409, "conflict",
 			                   "a cleanup of this item is already in progress");
 			return;

@@ -6,6 +6,7 @@ the AWS request id and a waste_item.cleaned audit row, one table covers every ot
 action, an AWS error fails the item with its message, only approved items are cleaned,
 the blast-radius caps (per request, per day) and the grace period refuse, members get
 403 and other organizations 404."""
+import concurrent.futures
 import json
 import uuid
 
@@ -323,6 +324,25 @@ def test_batch_and_caps(srv, pg, fake_aws):
     # Dry runs do not count against the cap.
     assert org.cleanup(ids[2], dry_run=True).status == 200
     assert len(region_state(fake_aws)["addresses"]) == 1
+
+
+def test_daily_cap_holds_across_racing_requests(srv, pg, fake_aws):
+    n = 6
+    fake_aws.reset(world({"addresses": [{"AllocationId": f"eipalloc-r{i}"} for i in range(n)]}))
+    org = Org(srv, pg)
+    ids = [org.item("eip_unassociated", f"eipalloc-r{i}") for i in range(n)]
+    # MAX_PER_DAY - 2 cleanups already today: two more may act, whoever asks at once.
+    for _ in range(MAX_PER_DAY - 2):
+        org.item("eip_unassociated", f"eipalloc-{uuid.uuid4().hex[:8]}", approve=False)
+    sql(pg, f"UPDATE waste_items SET outcome = jsonb_build_object('attempted_at', now()::text) "
+            f"WHERE org_id = '{org.id}' AND status = 'open'")
+    with concurrent.futures.ThreadPoolExecutor(n) as ex:
+        rs = list(ex.map(org.cleanup, ids))
+    codes = sorted(r.status for r in rs)
+    assert codes == [200, 200] + [429] * (n - 2), [(r.status, r.json()) for r in rs]
+    assert all(r.json()["error"]["code"] == "cleanup_daily_limit" for r in rs if r.status == 429)
+    assert len(calls(fake_aws, action="ReleaseAddress")) == 2
+    assert len(region_state(fake_aws)["addresses"]) == n - 2
 
 
 def test_grace_period_marks_then_acts(workdir, tls_files, pg, fake_aws):
