@@ -22,6 +22,7 @@
  */
 #include "config.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,7 @@ static struct {
 	bool full_logged;
 	struct limit_fold *folds; /* owned, LIMIT_FOLD_SLOTS, made at the first refusal */
 	struct event *fold_timer; /* owned: writes the folded refusals */
+	struct event *fold_term;  /* owned: SIGTERM writes them all while the pool still runs */
 } limit_g;
 
 static int limit_org_cmp(const void *a, const void *b)
@@ -216,6 +218,13 @@ static void limit_fold_sweep(evutil_socket_t fd, short what, void *arg)
 	}
 }
 
+/* The worker drains: write every fold now, while the reactor and the pool run. */
+static void limit_fold_term(evutil_socket_t fd, short what, void *arg)
+{
+	for (size_t i = 0; i < LIMIT_FOLD_SLOTS; i++)
+		limit_fold_flush(&limit_g.folds[i], cs_now_ms());
+}
+
 /*
  * Account one refusal of req's subject: true when it needs an event of its
  * own (the first of a period), false when it was folded into the next one.
@@ -234,12 +243,14 @@ static bool limit_fold(struct http_request *req, long long limit_per_min)
 		limit_g.folds = xcalloc(LIMIT_FOLD_SLOTS, sizeof(*limit_g.folds));
 		limit_g.fold_timer =
 		    event_new(cs_worker->base, -1, EV_PERSIST, limit_fold_sweep, NULL);
+		limit_g.fold_term = evsignal_new(cs_worker->base, SIGTERM, limit_fold_term, NULL);
 		tv.tv_sec = auth_g.cfg->ratelimit_audit_fold_s > 1
 		                ? auth_g.cfg->ratelimit_audit_fold_s / 2
 		                : 1;
 		tv.tv_usec = 0;
-		if (limit_g.fold_timer == NULL || event_add(limit_g.fold_timer, &tv) == -1)
-			fatal("oom", "the rate-limit fold timer");
+		if (limit_g.fold_timer == NULL || event_add(limit_g.fold_timer, &tv) == -1 ||
+		    limit_g.fold_term == NULL || event_add(limit_g.fold_term, NULL) == -1)
+			fatal("oom", "the rate-limit fold events");
 	}
 	snprintf(subject, sizeof(subject), "%s:%s", req->auth.authenticated ? "u" : "a",
 	         req->auth.authenticated ? req->auth.user_id : req->client_ip);
@@ -265,11 +276,17 @@ static bool limit_fold(struct http_request *req, long long limit_per_min)
 
 void auth_limit_free(void)
 {
-	if (limit_g.folds != NULL) /* last words: the pool may still send them */
-		for (size_t i = 0; i < LIMIT_FOLD_SLOTS; i++)
-			limit_fold_flush(&limit_g.folds[i], 0);
+	unsigned long lost = 0;
+
+	for (size_t i = 0; limit_g.folds != NULL && i < LIMIT_FOLD_SLOTS; i++)
+		lost += limit_g.folds[i].folded;
+	if (lost > 0) /* refused after SIGTERM's flush, or the reactor stopped without one */
+		log_warnx("audit_write_failed", "%lu folded 429s end with the worker unwritten",
+		          lost);
 	if (limit_g.fold_timer != NULL)
 		event_free(limit_g.fold_timer);
+	if (limit_g.fold_term != NULL)
+		event_free(limit_g.fold_term);
 	free(limit_g.folds);
 	if (limit_g.q != NULL)
 		db_query_cancel(limit_g.q);

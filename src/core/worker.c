@@ -29,12 +29,42 @@
 
 struct worker *cs_worker;
 
+static void worker_settle_cb(evutil_socket_t fd, short what, void *arg);
+
+/*
+ * Stop once the database work the connections left behind is answered too
+ * (audit rows of refusals, folded 429s, scan units handed back), looking
+ * again every 10 ms; the shutdown deadline still bounds the wait.
+ */
+static void worker_settle(struct worker *w)
+{
+	struct timeval tv = { 0, 10000 };
+	struct db_pool_stats st;
+
+	if (w->db != NULL) {
+		db_pool_stats(w->db, &st);
+		if (st.connected > 0 && st.in_use + st.waiting > 0 &&
+		    event_base_once(w->base, -1, EV_TIMEOUT, worker_settle_cb, w, &tv) == 0)
+			return;
+	}
+	event_base_loopbreak(w->base);
+}
+
+static void worker_settle_cb(evutil_socket_t fd, short what, void *arg)
+{
+	worker_settle(arg);
+}
+
 static void worker_drained_cb(void *arg)
 {
 	struct worker *w = arg;
 
+	struct timeval now = { 0, 0 };
+
 	log_info("worker_drained", "all connections finished");
-	event_base_loopbreak(w->base);
+	/* From the next loop pass: the other SIGTERM handlers queue their work first. */
+	if (event_base_once(w->base, -1, EV_TIMEOUT, worker_settle_cb, w, &now) == -1)
+		event_base_loopbreak(w->base);
 }
 
 static void worker_deadline_cb(evutil_socket_t fd, short what, void *arg)

@@ -47,6 +47,21 @@ def test_anonymous_limit_holds_across_workers(server_factory, pg, workers):
     assert int(rows) <= 8, (total, rows)
 
 
+def test_folded_refusals_are_written_when_the_worker_stops(server_factory, pg):
+    s = ready(server_factory(options={"workers": 1, "ratelimit_anon_per_min": 2,
+                                      "ratelimit_audit_fold_s": 3600}))
+    t0 = pg.psql("SELECT now()", db=pg.dbname).strip()
+    codes = [post(s, "/api/v1/auth/refresh", {"refresh_token": "A" * 43}).status
+             for _ in range(6)]
+    assert codes.count(429) == 4, codes
+    refused = ("SELECT coalesce(sum((details->>'refusals')::int), 0), count(*) FROM "
+               f"audit_events WHERE event_type = 'access.rate_limited' AND occurred_at >= '{t0}'")
+    assert pg.psql(refused, db=pg.dbname).split("|")[0] == "1", "the first is written at once"
+    assert not s.finish()
+    total, rows = pg.psql(refused, db=pg.dbname).split("|")
+    assert (int(total), int(rows)) == (4, 2), "SIGTERM writes the three folded refusals as one"
+
+
 def test_user_limit(server_factory):
     s = ready(server_factory(options={"workers": 2, "ratelimit_user_per_min": 4}))
     email, _ = signup(s)
