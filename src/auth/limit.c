@@ -191,9 +191,7 @@ static void limit_fold_flush(struct limit_fold *f, uint64_t now)
 		ev.details = d;
 		if (d == NULL ||
 		    audit_write_standalone(cs_worker->db, &ev, limit_fold_written, NULL) == NULL)
-			log_warnx("audit_write_failed",
-			          "%lu folded refusals of one subject were "
-			          "not written",
+			log_warnx("audit_write_failed", "%lu folded refusals were not written",
 			          f->folded);
 		json_decref(d);
 	}
