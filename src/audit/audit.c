@@ -122,6 +122,7 @@ const struct audit_event_type audit_event_types[] = {
 	{ "org.member.removed", "user", "delete", AUDIT_SUCCESS, NULL },
 	{ "org.member.role_changed", "user", "update", AUDIT_SUCCESS, NULL },
 	{ "org.member.invited", "invitation", "create", AUDIT_SUCCESS, "email" },
+	{ "org.member.invitation_revoked", "invitation", "delete", AUDIT_SUCCESS, "email" },
 	{ "credential.created", "aws_account", "create", AUDIT_SUCCESS, "access_key_id" },
 	{ "credential.read", "aws_account", "read", AUDIT_SUCCESS, NULL },
 	{ "credential.verified", "aws_account", "verify", AUDIT_SUCCESS, NULL },

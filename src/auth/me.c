@@ -65,6 +65,14 @@ static void members_get(struct http_request *req)
 	auth_json_read(req, "auth_members", 1, p);
 }
 
+/* GET /api/v1/org/invitations: the open ones (never their tokens). */
+static void invitations_get(struct http_request *req)
+{
+	const char *p[1] = { req->auth.org_id };
+
+	auth_json_read(req, "auth_invitations", 1, p);
+}
+
 /* GET /api/v1/audit?from=&to=&event_type=&user_id=&limit=&cursor= */
 static void audit_list_get(struct http_request *req)
 {
@@ -174,6 +182,14 @@ void auth_me_routes(struct router *r)
 	                "'next_cursor', NULL) FROM memberships m JOIN users u ON u.id = m.user_id "
 	                "WHERE m.org_id = $1 AND u.deleted_at IS NULL",
 	                1);
+	db_pool_prepare(db, "auth_invitations",
+	                "SELECT json_build_object('items', coalesce(json_agg(json_build_object("
+	                "'id', i.id, 'email', i.email, 'role', i.role, 'invited_by', i.invited_by, "
+	                "'created_at', i.created_at, 'expires_at', i.expires_at, "
+	                "'expired', i.expires_at <= now()) ORDER BY i.created_at DESC), '[]'), "
+	                "'next_cursor', NULL) FROM org_invitations i "
+	                "WHERE i.org_id = $1 AND i.accepted_at IS NULL",
+	                1);
 	db_pool_prepare(
 	    db, "audit_list",
 	    "WITH page AS (SELECT * FROM audit_events WHERE org_id = $1 "
@@ -195,6 +211,8 @@ void auth_me_routes(struct router *r)
 	                ROUTE_NEEDS_DB | ROUTE_SELF, NULL);
 	router_add_perm(r, "GET", "/api/v1/org/members", members_get, ROUTE_NEEDS_DB,
 	                "members:read");
+	router_add_perm(r, "GET", "/api/v1/org/invitations", invitations_get, ROUTE_NEEDS_DB,
+	                "members:manage");
 	router_add_perm(r, "GET", "/api/v1/audit", audit_list_get, ROUTE_NEEDS_DB, "audit:read");
 	router_add_perm(r, "GET", "/api/v1/audit/verify", audit_verify_get, ROUTE_NEEDS_DB,
 	                "audit:read");

@@ -467,6 +467,73 @@ static void members_delete(struct http_request *req)
 	member_start(req, true, AUTH_ROLE_NONE);
 }
 
+/* ---- DELETE /api/v1/org/invitations/{id} ---- */
+
+enum invitation_state {
+	INVITATION_BEGIN,  /* BEGIN sent */
+	INVITATION_DELETE, /* the open invitation deleted (or none) */
+	INVITATION_AUDIT,  /* org.member.invitation_revoked appended */
+	INVITATION_COMMIT, /* COMMIT sent */
+};
+
+static void invitation_delete_advance(struct http_op *op, enum db_event ev, const PGresult *res)
+{
+	struct http_request *req = op->req;
+	struct audit_event aev;
+
+	if (ev != DB_OK) {
+		http_op_db_fail(op, ev, res);
+		return;
+	}
+	switch (op->state) {
+	case INVITATION_BEGIN: {
+		const char *p[2] = { http_param(req, "id"), req->auth.org_id };
+
+		op->state = INVITATION_DELETE;
+		(void)http_op_query(
+		    op,
+		    "DELETE FROM org_invitations WHERE id = $1::uuid AND "
+		    "org_id = $2::uuid AND accepted_at IS NULL RETURNING role, email",
+		    2, p);
+		return;
+	}
+	case INVITATION_DELETE:
+		if (PQntuples(res) != 1) {
+			http_op_fail(op, 404, "not_found", "no such open invitation");
+			return;
+		}
+		op->state = INVITATION_AUDIT;
+		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id,
+		                "org.member.invitation_revoked");
+		aev.resource_id = http_param(req, "id");
+		(void)auth_op_audit_hmac(op, &aev,
+		                         json_pack("{s:s}", "role", PQgetvalue(res, 0, 0)), "email",
+		                         PQgetvalue(res, 0, 1));
+		return;
+	case INVITATION_AUDIT:
+		op->state = INVITATION_COMMIT;
+		http_op_commit(op);
+		return;
+	case INVITATION_COMMIT:
+		http_set_cancel(req, NULL, NULL);
+		http_respond(req, 204, NULL, NULL, 0);
+		return;
+	}
+}
+
+static void invitation_delete(struct http_request *req)
+{
+	struct http_op *op;
+
+	if (!auth_uuid_valid(http_param(req, "id"))) {
+		http_error(req, 404, "not_found", "no such open invitation");
+		return;
+	}
+	op = http_op_new(req, sizeof(*op), invitation_delete_advance);
+	op->state = INVITATION_BEGIN;
+	(void)http_op_begin(op);
+}
+
 /* ---- DELETE /api/v1/me/sessions[/{id}] ---- */
 
 enum sessions_state {
@@ -856,6 +923,8 @@ void auth_members_routes(struct router *r)
 	router_add_perm(r, "PATCH", "/api/v1/org/members/{user_id}", members_patch, ROUTE_NEEDS_DB,
 	                "members:manage");
 	router_add_perm(r, "DELETE", "/api/v1/org/members/{user_id}", members_delete,
+	                ROUTE_NEEDS_DB, "members:manage");
+	router_add_perm(r, "DELETE", "/api/v1/org/invitations/{id}", invitation_delete,
 	                ROUTE_NEEDS_DB, "members:manage");
 	router_add_perm(r, "DELETE", "/api/v1/me/sessions", me_sessions_delete,
 	                ROUTE_NEEDS_DB | ROUTE_SELF, NULL);

@@ -248,11 +248,14 @@ def test_roles_in_own_and_other_org(world):
 
 def test_every_route_is_in_the_openapi_document():
     text = (ROOT / "openapi.yaml").read_text()
-    documented, path = set(), None
+    documented, path, seen = set(), None, set()
     for line in text.splitlines():
         m = re.match(r"^  (/\S*):\s*$", line)
         if m:
             path = m.group(1)
+            # A repeated key is invalid YAML; parsers keep only the last one.
+            assert path not in seen, f"openapi.yaml lists {path} twice"
+            seen.add(path)
             continue
         m = re.match(r"^    (get|post|put|patch|delete):", line)
         if m and path:

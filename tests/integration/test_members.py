@@ -151,6 +151,44 @@ def test_signup_with_an_invitation_joins_the_inviting_org(srv, pg):
                    f"WHERE token_hash = encode(sha256('{token}'::bytea), 'hex')") == "t"
 
 
+def test_invitations_are_listed_and_withdrawn(srv, pg):
+    org = Org(srv, pg, "Withdrawers")
+    stranger = f"wd-{uuid.uuid4().hex[:8]}@example.com"
+    r = post(srv, "/api/v1/org/members", {"email": stranger, "role": "admin"},
+             bearer(org.owner_tok))
+    assert r.status == 201, r
+    inv = r.json()
+    r = srv.get("/api/v1/org/invitations", headers=bearer(org.owner_tok))
+    assert r.status == 200, r
+    items = r.json()["items"]
+    assert [(i["id"], i["email"], i["role"], i["expired"]) for i in items] == \
+        [(inv["invitation_id"], stranger, "admin", False)]
+    assert inv["invite_token"] not in r.body.decode()
+    # Another organization sees none of it and cannot withdraw it.
+    other = Org(srv, pg, "Outsiders")
+    assert srv.get("/api/v1/org/invitations", headers=bearer(other.owner_tok)).json()["items"] == []
+    r = post(srv, f"/api/v1/org/invitations/{inv['invitation_id']}", None,
+             bearer(other.owner_tok), method="DELETE")
+    assert r.status == 404, r
+    r = post(srv, f"/api/v1/org/invitations/{inv['invitation_id']}", None,
+             bearer(org.owner_tok), method="DELETE")
+    assert r.status == 204, r
+    assert srv.get("/api/v1/org/invitations", headers=bearer(org.owner_tok)).json()["items"] == []
+    r = post(srv, f"/api/v1/org/invitations/{inv['invitation_id']}", None,
+             bearer(org.owner_tok), method="DELETE")
+    assert r.status == 404, r
+    # The withdrawn token no longer joins the organization.
+    r = post(srv, "/api/v1/auth/signup", {"email": stranger, "password": PASSWORD,
+                                           "invite_token": inv["invite_token"]})
+    assert r.status == 400 and r.json()["error"]["code"] == "invalid_invite", r
+    rows = audit_rows(pg, f"org_id = '{org.id}' AND "
+                          f"event_type = 'org.member.invitation_revoked'")
+    assert [(a["resource_id"], a["details"]["role"]) for a in rows] == \
+        [(inv["invitation_id"], "admin")]
+    assert rows[0]["details"]["email"].startswith("hmac-sha256:")
+    assert stranger not in json.dumps(rows)
+
+
 @pytest.mark.parametrize("body,field", [
     ({"email": "x@example.com"}, "role"),
     ({"email": "x@example.com", "role": "superuser"}, "role"),
