@@ -61,17 +61,3 @@ const struct scan_setting scan_settings[] = {
 	{ "nat_idle_days", SCAN_SETTING_INT, 30, 1, 90, NULL },
 };
 const size_t scan_settings_count = CS_ARRAY_LEN(scan_settings);
-
-const struct scan_detector *scan_detector_for(const char *check)
-{
-	size_t i;
-
-	for (i = 0; i < scan_detectors_count; i++) {
-		const char *const *c;
-
-		for (c = scan_detectors[i].checks; c != NULL && *c != NULL; c++)
-			if (strcmp(*c, check) == 0)
-				return &scan_detectors[i];
-	}
-	return NULL;
-}

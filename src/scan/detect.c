@@ -85,11 +85,13 @@ static void det_call_free(struct det_call *c)
 
 static void det_call_unlink(struct det *d, struct det_call *c)
 {
-	struct det_call **pp;
+	struct det_call **pp, *prev = NULL;
 
-	for (pp = (struct det_call **)&d->calls; *pp != NULL; pp = &(*pp)->next)
+	for (pp = (struct det_call **)&d->calls; *pp != NULL; prev = *pp, pp = &(*pp)->next)
 		if (*pp == c) {
 			*pp = c->next;
+			if (d->calls_tail == c)
+				d->calls_tail = prev;
 			break;
 		}
 }
@@ -209,16 +211,17 @@ static struct det_call *det_call_new(struct det *d, enum aws_service service, co
                                      const char *key, const char *const *checks)
 {
 	struct det_call *c = xcalloc(1, sizeof(*c));
-	struct det_call **pp;
 
 	c->d = d;
 	c->service = service;
 	c->action = xstrdup(action);
 	c->key = xstrdup(key);
 	c->checks = checks;
-	for (pp = (struct det_call **)&d->calls; *pp != NULL; pp = &(*pp)->next)
-		;
-	*pp = c;
+	if (d->calls_tail != NULL)
+		((struct det_call *)d->calls_tail)->next = c;
+	else
+		d->calls = c;
+	d->calls_tail = c;
 	d->queued++;
 	return c;
 }
@@ -437,6 +440,7 @@ void det_cancel(struct scan_detector_run *run)
 		d->calls = c->next;
 		det_call_free(c);
 	}
+	d->calls_tail = NULL;
 	event_free(d->ev);
 	json_decref(d->data);
 	json_decref(d->skipped);

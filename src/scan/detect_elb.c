@@ -9,6 +9,7 @@
 #include "config.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "detect_int.h"
@@ -24,19 +25,6 @@ static const char *elb_dimension(const char *arn)
 	const char *p = arn != NULL ? strstr(arn, ":loadbalancer/") : NULL;
 
 	return p != NULL ? p + strlen(":loadbalancer/") : NULL;
-}
-
-static bool elb_in(const json_t *arr, const char *s)
-{
-	const json_t *v;
-	size_t i;
-
-	if (json_is_string(arr))
-		return strcmp(json_string_value(arr), s) == 0;
-	json_array_foreach (arr, i, v)
-		if (json_is_string(v) && strcmp(json_string_value(v), s) == 0)
-			return true;
-	return false;
 }
 
 static void elb_queue(struct det *d)
@@ -126,32 +114,77 @@ static void elb_low_traffic(struct det *d, const char *rid, const char *mid, con
 		           total / days);
 }
 
+/*
+ * Registered and healthy targets of each ALB/NLB, in one pass over the target
+ * groups (LoadBalancerArns is a string or an array). Returns {arn: index}
+ * (owned by the caller); the counts of an arn are at its index, the first
+ * load balancer carrying it.
+ */
+static json_t *elb_targets(struct det *d, size_t *registered, size_t *healthy)
+{
+	json_t *lbs = det_list(d, "lbs"), *index = json_object(), *lb, *tg, *th;
+	size_t n = json_array_size(lbs), k, j, i;
+	size_t *last = xcalloc(n + 1, sizeof(*last)); /* 1 + the last tg counted for an index */
+	char key[32];
+
+	json_array_foreach (lbs, k, lb) {
+		const char *arn = det_str(lb, "LoadBalancerArn");
+
+		if (arn != NULL && json_object_get(index, arn) == NULL)
+			json_object_set_new(index, arn, json_integer((json_int_t)k));
+	}
+	json_array_foreach (det_list(d, "tgs"), j, tg) {
+		json_t *arns = json_object_get(tg, "LoadBalancerArns");
+		size_t narns = json_is_string(arns) ? 1 : json_array_size(arns);
+		size_t reg = 0, ok = 0;
+
+		snprintf(key, sizeof(key), "th%zu", j);
+		json_array_foreach (det_list(d, key), i, th) {
+			const char *st = det_str(th, "TargetHealth/State");
+
+			reg++;
+			if (st != NULL && strcmp(st, "healthy") == 0)
+				ok++;
+		}
+		for (i = 0; i < narns; i++) {
+			json_t *v = json_is_string(arns) ? arns : json_array_get(arns, i);
+			json_t *ix = json_string_value(v) != NULL
+			                 ? json_object_get(index, json_string_value(v))
+			                 : NULL;
+
+			if (ix == NULL)
+				continue;
+			k = (size_t)json_integer_value(ix);
+			if (last[k] == j + 1) /* the arn is listed twice */
+				continue;
+			last[k] = j + 1;
+			registered[k] += reg;
+			healthy[k] += ok;
+		}
+	}
+	free(last);
+	return index;
+}
+
 static void elb_judge(struct det *d)
 {
-	json_t *lb, *tg, *th;
-	size_t k, j, i;
+	json_t *lb, *th, *index;
+	size_t k, i, nlbs = json_array_size(det_list(d, "lbs"));
+	size_t *reg = xcalloc(nlbs + 1, sizeof(*reg)), *ok = xcalloc(nlbs + 1, sizeof(*ok));
 	char key[32], id[32];
 
+	index = elb_targets(d, reg, ok);
 	json_array_foreach (det_list(d, "lbs"), k, lb) {
 		const char *arn = det_str(lb, "LoadBalancerArn"), *type = det_str(lb, "Type");
 		bool nlb = type != NULL && strcmp(type, "network") == 0;
 		enum pricing_hourly price = nlb ? PRICING_NLB : PRICING_ALB;
-		size_t registered = 0, healthy = 0;
+		size_t registered, healthy, x;
 
 		if (arn == NULL || det_protected(d, lb))
 			continue;
-		json_array_foreach (det_list(d, "tgs"), j, tg) {
-			if (!elb_in(json_object_get(tg, "LoadBalancerArns"), arn))
-				continue;
-			snprintf(key, sizeof(key), "th%zu", j);
-			json_array_foreach (det_list(d, key), i, th) {
-				const char *st = det_str(th, "TargetHealth/State");
-
-				registered++;
-				if (st != NULL && strcmp(st, "healthy") == 0)
-					healthy++;
-			}
-		}
+		x = (size_t)json_integer_value(json_object_get(index, arn));
+		registered = reg[x];
+		healthy = ok[x];
 		if (registered == 0) {
 			elb_report(d, arn, "no registered targets", nlb ? "network" : "application",
 			           price, NULL, 0);
@@ -166,6 +199,9 @@ static void elb_judge(struct det *d)
 		elb_low_traffic(d, arn, id, nlb ? "network" : "application", price,
 		                nlb ? "NewFlowCount" : "RequestCount");
 	}
+	json_decref(index);
+	free(reg);
+	free(ok);
 	json_array_foreach (det_list(d, "clbs"), k, lb) {
 		const char *name = det_str(lb, "LoadBalancerName");
 		size_t inservice = 0;

@@ -35,11 +35,12 @@ struct det {
 	struct scan_detector_run *run; /* borrowed */
 	det_phase_fn phase_fn;
 	int phase;
-	json_t *data;    /* owned: key -> array of converted list items */
-	json_t *skipped; /* owned: check -> true */
-	json_t *metrics; /* owned: queued metric queries not yet sent [{id, ns, name, dim...}] */
-	json_t *no_data; /* owned: check -> [resource ids without datapoints] */
-	void *calls;     /* owned list of struct det_call (detect.c) */
+	json_t *data;     /* owned: key -> array of converted list items */
+	json_t *skipped;  /* owned: check -> true */
+	json_t *metrics;  /* owned: queued metric queries not yet sent [{id, ns, name, dim...}] */
+	json_t *no_data;  /* owned: check -> [resource ids without datapoints] */
+	void *calls;      /* owned list of struct det_call (detect.c) */
+	void *calls_tail; /* the last of calls, or NULL */
 	int queued, in_flight;
 	struct event *ev; /* owned; runs phases from the loop */
 	void *state;      /* the detector's own extra state, freed by it in a phase, or NULL */

@@ -26,8 +26,6 @@ static double rds_cost(const struct det *d, const json_t *db)
 		return 0;
 	if (strncmp(engine, "aurora-", 7) == 0)
 		engine += 7;
-	if (strncmp(engine, "mariadb", 7) == 0)
-		engine = "mysql";
 	if (pricing_rds_monthly(scan_prices(), d->run->region, engine,
 	                        det_str(db, "DBInstanceClass"),
 	                        multi != NULL && strcmp(multi, "true") == 0, &usd) == -1)

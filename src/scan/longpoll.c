@@ -47,7 +47,6 @@ struct scan_watch {
 	struct scan_watch *hnext; /* hash chain */
 	char scan_id[37];         /* lower case, as NOTIFY spells it */
 	struct scan_waiter *waiters;
-	int nwaiters;
 	long long seen_version; /* highest version announced while watched */
 	struct db_query *q;     /* the shared read in flight, or NULL */
 	bool read_again;        /* something changed while q was in flight */
@@ -122,7 +121,6 @@ static void scan_waiter_attach(struct scan_waiter *wt, struct scan_watch *w)
 	if (w->waiters != NULL)
 		w->waiters->prev = wt;
 	w->waiters = wt;
-	w->nwaiters++;
 	lp.parked++;
 }
 
@@ -142,7 +140,6 @@ static void scan_waiter_detach(struct scan_waiter *wt)
 	if (wt->next != NULL)
 		wt->next->prev = wt->prev;
 	wt->watch = NULL;
-	w->nwaiters--;
 	lp.parked--;
 	scan_watch_free_if_idle(w);
 }

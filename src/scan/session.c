@@ -19,13 +19,7 @@
 
 #define SCAN_SESSION_NAME_MAX 64 /* RoleSessionName is at most 64 characters */
 
-enum scan_session_state {
-	SCAN_SESSION_LOADING,  /* creds_load is in flight */
-	SCAN_SESSION_ASSUMING, /* aws_sts_assume_role is in flight */
-};
-
 struct scan_session {
-	enum scan_session_state state;
 	struct creds_load *load;  /* the pending load, or NULL */
 	struct aws_sts_wait *sts; /* the pending assume, or NULL */
 	char org_id[37];
@@ -133,7 +127,6 @@ static void scan_session_load_cb(void *arg, enum creds_status st, struct creds *
 	role.external_id = c->external_id;
 	role.session_name = s->session_name;
 	role.source_identity = s->org_id;
-	s->state = SCAN_SESSION_ASSUMING;
 	s->sts = aws_sts_assume_role(aws_worker_client(), base, s->region, &role,
 	                             scan_session_sts_cb, s);
 	creds_free(c); /* the assume copied what it needs */
@@ -171,7 +164,6 @@ struct scan_session *scan_session_start(struct db_pool *pool, const char *org_id
 	if (i < 2)
 		snprintf(s->session_name, sizeof(s->session_name), "cloudsweep");
 	s->region = xstrdup(region);
-	s->state = SCAN_SESSION_LOADING;
 	s->load = creds_load(pool, org_id, aws_account_uuid, purpose, scan_session_load_cb, s);
 	if (s->load == NULL) {
 		scan_session_free(s);
