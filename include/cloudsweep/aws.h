@@ -480,8 +480,6 @@ void aws_sts_wait_cancel(struct aws_sts_wait *w);
  */
 void aws_sts_credentials_rejected(struct aws_client *cl, const struct aws_credentials *creds,
                                   const struct aws_result *res);
-/* Drop every cached credential (wiped). */
-void aws_sts_cache_clear(struct aws_client *client);
 
 /* The module's own plumbing between client.c and sts.c; not for other callers. */
 struct aws_sts_cache;

@@ -110,6 +110,7 @@ struct aws_map_entry {
 struct aws_map {
 	struct aws_map_entry **slots; /* owned array */
 	size_t nslots, count;
+	size_t sweep_at; /* sweep when count exceeds this; 0: AWS_MAP_SWEEP_AT */
 };
 
 /* A token bucket: tokens may go negative (reservations of waiting calls). */
@@ -272,6 +273,20 @@ static void aws_map_sweep(struct aws_map *m, bool (*drop)(struct aws_map_entry *
 			}
 		}
 	}
+}
+
+/*
+ * aws_map_sweep once count exceeds the map's threshold, which then becomes
+ * max(AWS_MAP_SWEEP_AT, 2 * count): when little can be dropped the next
+ * sweep waits until the map has doubled, so sweeping stays O(1) amortized.
+ */
+static void aws_map_sweep_due(struct aws_map *m, bool (*drop)(struct aws_map_entry *, void *),
+                              void *arg)
+{
+	if (m->count <= (m->sweep_at != 0 ? m->sweep_at : AWS_MAP_SWEEP_AT))
+		return;
+	aws_map_sweep(m, drop, arg);
+	m->sweep_at = m->count > AWS_MAP_SWEEP_AT / 2 ? 2 * m->count : AWS_MAP_SWEEP_AT;
 }
 
 static bool aws_drop_all(struct aws_map_entry *e, void *arg)
@@ -779,8 +794,7 @@ static void aws_call_free(struct aws_call *call)
 
 	call->acct->ncalls--;
 	TAILQ_REMOVE(&cl->calls, call, all);
-	if (cl->accounts.count > AWS_MAP_SWEEP_AT)
-		aws_map_sweep(&cl->accounts, aws_account_idle, NULL);
+	aws_map_sweep_due(&cl->accounts, aws_account_idle, NULL);
 	event_free(call->ev_timer);
 	event_free(call->ev_deadline);
 	if (call->body != NULL)
@@ -891,8 +905,15 @@ static int aws_form_add(char **body, size_t *len, size_t *cap, const char *name,
 	if (n == NULL || v == NULL || *len + need > AWS_BODY_MAX)
 		goto out;
 	if (*len + need > *cap) {
-		*cap = (*len + need) * 2;
-		*body = xrealloc(*body, *cap);
+		/* Not xrealloc: the old buffer may hold the ExternalId and must be wiped. */
+		size_t ncap = (*len + need) * 2;
+		char *nb = xmalloc(ncap);
+
+		memcpy(nb, *body, *len);
+		cs_wipe(*body, *cap);
+		free(*body);
+		*body = nb;
+		*cap = ncap;
 	}
 	*len += (size_t)snprintf(*body + *len, *cap - *len, "%s%s=%s", *len ? "&" : "", n, v);
 	rc = 0;
@@ -989,10 +1010,10 @@ struct aws_call *aws_call(struct aws_client *cl, const struct aws_request *req, 
 	cl->stats.calls++;
 	aws_arm(call->ev_deadline, call->deadline_ms);
 	call->state = AWS_CALL_WAIT_TOKEN;
-	if (cl->buckets.count > AWS_MAP_SWEEP_AT) {
+	{
 		uint64_t now = cs_now_us();
 
-		aws_map_sweep(&cl->buckets, aws_bucket_full, &now);
+		aws_map_sweep_due(&cl->buckets, aws_bucket_full, &now);
 	}
 	aws_call_advance(call, AWS_EV_START);
 	return call;

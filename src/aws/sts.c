@@ -65,6 +65,7 @@ struct aws_sts_cache {
 	struct sts_entry_list entries;
 	struct sts_wait_list hits; /* waiters whose answer is a pending zero timer */
 	size_t nentries;
+	size_t sweep_at; /* sweep stale entries from this many; 0: STS_CACHE_SWEEP_AT */
 	uint64_t calls, hits_total;
 };
 
@@ -219,20 +220,6 @@ void aws_sts_cache_counts(const struct aws_sts_cache *c, uint64_t *calls, uint64
 {
 	*calls = c != NULL ? c->calls : 0;
 	*hits = c != NULL ? c->hits_total : 0;
-}
-
-void aws_sts_cache_clear(struct aws_client *cl)
-{
-	struct aws_sts_cache *c = *aws_client_sts_slot(cl);
-	struct sts_entry *e, *next;
-
-	if (c == NULL)
-		return;
-	for (e = TAILQ_FIRST(&c->entries); e != NULL; e = next) {
-		next = TAILQ_NEXT(e, link);
-		if (e->state == STS_ENTRY_READY)
-			sts_entry_free(e);
-	}
 }
 
 static bool sts_fresh(const struct aws_sts_cache *c, const struct sts_entry *e)
@@ -437,7 +424,7 @@ struct aws_sts_wait *aws_sts_assume_role(struct aws_client *cl, const struct aws
 		e->cache = c;
 		memcpy(e->key, key, sizeof(key));
 		TAILQ_INIT(&e->waiters);
-		if (c->nentries >= STS_CACHE_SWEEP_AT) {
+		if (c->nentries >= (c->sweep_at != 0 ? c->sweep_at : STS_CACHE_SWEEP_AT)) {
 			struct sts_entry *x, *next;
 
 			for (x = TAILQ_FIRST(&c->entries); x != NULL; x = next) {
@@ -445,6 +432,9 @@ struct aws_sts_wait *aws_sts_assume_role(struct aws_client *cl, const struct aws
 				if (x->state == STS_ENTRY_READY && !sts_fresh(c, x))
 					sts_entry_free(x);
 			}
+			/* Little dropped: wait until the cache has doubled (O(1) amortized). */
+			c->sweep_at = c->nentries > STS_CACHE_SWEEP_AT / 2 ? 2 * c->nentries
+			                                                   : STS_CACHE_SWEEP_AT;
 		}
 		e->cached = !role->no_cache;
 		TAILQ_INSERT_TAIL(&c->entries, e, link);

@@ -16,6 +16,7 @@
 #include <expat.h>
 
 #include "cloudsweep/aws.h"
+#include "cloudsweep/util.h"
 
 #define XML_ARENA_CHUNK 65536
 
@@ -178,10 +179,16 @@ static void xml_text_cb(void *arg, const XML_Char *s, int len)
 
 		while (cap - x->text_len < (size_t)len)
 			cap *= 2;
-		t = realloc(x->text, cap);
+		/* Not realloc: the old buffer may hold secrets and must be wiped. */
+		t = malloc(cap);
 		if (t == NULL) {
 			xml_stop(x, "out of memory");
 			return;
+		}
+		if (x->text != NULL) {
+			memcpy(t, x->text, x->text_len);
+			cs_wipe(x->text, x->text_cap);
+			free(x->text);
 		}
 		x->text = t;
 		x->text_cap = cap;
@@ -249,11 +256,13 @@ struct aws_xml_doc *aws_xml_parse(const char *buf, size_t len, char *err, size_t
 		goto fail;
 	}
 	XML_ParserFree(x.p);
+	cs_wipe(x.text, x.text_cap);
 	free(x.text);
 	return x.doc;
 fail:
 	if (x.p != NULL)
 		XML_ParserFree(x.p);
+	cs_wipe(x.text, x.text_cap);
 	free(x.text);
 	aws_xml_free(x.doc);
 	return NULL;
@@ -267,6 +276,7 @@ void aws_xml_free(struct aws_xml_doc *doc)
 		return;
 	for (c = doc->chunks; c != NULL; c = next) {
 		next = c->next;
+		cs_wipe(c->data, c->used);
 		free(c);
 	}
 	free(doc);

@@ -11,6 +11,7 @@
 
 #include "cloudsweep/db.h"
 #include "cloudsweep/util.h"
+#include "cloudsweep/vault.h"
 
 /* RFC 3339 UTC of a timestamptz column. */
 #define CREDS_TS(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
@@ -91,6 +92,18 @@ int kms_config_check(const struct config *cfg, char *err, size_t errlen) CS_WUR;
  * file does not open or there is none.
  */
 struct vault_keyring *kms_ring_load(const struct config *cfg);
+/*
+ * As kms_ring_load, but the versions prev already holds are copied from it
+ * (kek-<N>.kms files are never rewritten) and only the others go to KMS
+ * Decrypt. prev may be NULL; it is left unchanged.
+ */
+struct vault_keyring *kms_ring_reload(const struct config *cfg, const struct vault_keyring *prev);
+/*
+ * For kms.c's reload only: copy version's KEK out of kr into key (the
+ * caller wipes it). 0, or -1 when kr does not hold version.
+ */
+int vault_keyring_kek_copy(const struct vault_keyring *kr, int version,
+                           unsigned char key[VAULT_KEY_LEN]) CS_WUR;
 /*
  * Create version N+1 (N: the highest kek- number in vault_key_dir, retired
  * and file-provider ones included) as kek-<N+1>.kms from KMS

@@ -6,7 +6,8 @@
  * This is the only file that ever holds KEK bytes: they are decoded
  * straight into the ring, every buffer they passed through is wiped, and
  * the ring is wiped when freed. Callers never see a KEK, they ask the ring
- * to seal or open under a version. The cipher is fetched once per ring and
+ * to seal or open under a version (one exception: kms.c's reload copies
+ * held versions into the new ring, vault_keyring_kek_copy). The cipher is fetched once per ring and
  * one cipher context is reused (and reset, which also drops the expanded
  * key) for every operation, so a ring belongs to one thread.
  *
@@ -35,6 +36,7 @@
 #include "cloudsweep/log.h"
 #include "cloudsweep/util.h"
 #include "cloudsweep/vault.h"
+#include "creds_int.h"
 
 #define VAULT_KEY_FILE_MAX 128 /* a key file is 32 raw bytes or 44 base64 + newline */
 #define VAULT_KEY_B64_LEN  44  /* padded base64 of VAULT_KEY_LEN bytes */
@@ -490,6 +492,18 @@ bool vault_keyring_has_version(const struct vault_keyring *kr, int version)
 size_t vault_keyring_count(const struct vault_keyring *kr)
 {
 	return kr->nkeks;
+}
+
+/* Copy version's KEK into key (the caller wipes it); 0, or -1 when it is not loaded. */
+int vault_keyring_kek_copy(const struct vault_keyring *kr, int version,
+                           unsigned char key[VAULT_KEY_LEN])
+{
+	const struct vault_kek *k = kr != NULL ? vault_keyring_find(kr, version) : NULL;
+
+	if (k == NULL)
+		return -1;
+	memcpy(key, k->key, VAULT_KEY_LEN);
+	return 0;
 }
 
 /* ---- AES-256-GCM with the ring's context ---- */

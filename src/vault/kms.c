@@ -271,7 +271,12 @@ static int kms_unwrap(const struct config *cfg, int version, unsigned char key[V
 
 struct vault_keyring *kms_ring_load(const struct config *cfg)
 {
-	int versions[KMS_VERSIONS], highest, n;
+	return kms_ring_reload(cfg, NULL);
+}
+
+struct vault_keyring *kms_ring_reload(const struct config *cfg, const struct vault_keyring *prev)
+{
+	int versions[KMS_VERSIONS], highest, n, unwrapped = 0;
 	size_t cap, used = 0;
 	char *spec;
 	struct vault_keyring *kr = NULL;
@@ -290,8 +295,12 @@ struct vault_keyring *kms_ring_load(const struct config *cfg)
 		unsigned char key[VAULT_KEY_LEN];
 		char b64[KMS_B64_KEYLEN + 1];
 
-		if (kms_unwrap(cfg, versions[i], key) == -1)
-			goto out;
+		/* A version the ring already holds is reused: no KMS round trip. */
+		if (vault_keyring_kek_copy(prev, versions[i], key) == -1) {
+			if (kms_unwrap(cfg, versions[i], key) == -1)
+				goto out;
+			unwrapped++;
+		}
 		vault_b64_encode(key, sizeof(key), b64);
 		used += (size_t)snprintf(spec + used, cap - used, "%s%d:%s", i > 0 ? "," : "",
 		                         versions[i], b64);
@@ -300,8 +309,8 @@ struct vault_keyring *kms_ring_load(const struct config *cfg)
 	}
 	kr = vault_keyring_load(NULL, spec);
 	if (kr != NULL)
-		log_info("kms", "%d key-encryption key(s) unwrapped with KMS key %s", n,
-		         cfg->vault_kms_key_id);
+		log_info("kms", "%d key-encryption key(s), %d unwrapped with KMS key %s", n,
+		         unwrapped, cfg->vault_kms_key_id);
 out:
 	cs_wipe(spec, cap);
 	free(spec);

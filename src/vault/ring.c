@@ -14,13 +14,17 @@
 static struct vault_keyring *worker_ring;
 static char *worker_dir;
 
-static struct vault_keyring *ring_load(void)
+/* The ring from the configured provider; with KMS, prev's versions are reused (may be NULL). */
+static struct vault_keyring *ring_load(const struct vault_keyring *prev)
 {
 	const char *spec = getenv(VAULT_KEKS_ENV);
 
-	/* vault_provider = kms: every kek-<N>.kms unwrapped by KMS Decrypt, synchronously. */
+	/*
+	 * vault_provider = kms: every kek-<N>.kms that prev lacks is unwrapped by
+	 * KMS Decrypt, synchronously.
+	 */
 	if (cs_worker != NULL && strcmp(cs_worker->cfg->vault_provider, "kms") == 0)
-		return kms_ring_load(cs_worker->cfg);
+		return kms_ring_reload(cs_worker->cfg, prev);
 
 	if (worker_dir == NULL && spec == NULL) {
 		log_warnx("vault_init", "no key-encryption keys: set vault_key_dir or %s",
@@ -35,7 +39,7 @@ int vault_worker_init(const struct config *cfg)
 	free(worker_dir);
 	worker_dir = *cfg->vault_key_dir != '\0' ? xstrdup(cfg->vault_key_dir) : NULL;
 	vault_keyring_free(worker_ring);
-	worker_ring = ring_load();
+	worker_ring = ring_load(NULL);
 	return worker_ring != NULL ? 0 : -1;
 }
 
@@ -51,7 +55,7 @@ const char *vault_key_dir(void)
 
 int vault_worker_reload(void)
 {
-	struct vault_keyring *fresh = ring_load();
+	struct vault_keyring *fresh = ring_load(worker_ring);
 
 	if (fresh == NULL)
 		return -1;
