@@ -128,6 +128,19 @@ int audit_details_set_hmac(json_t *details, const char *key, const char *value) 
  */
 struct db_query *audit_write(struct db_tx *tx, const struct audit_event *ev, db_cb cb, void *arg);
 
+struct http_op;
+struct http_request;
+/* ev zeroed, then type, org, actor and the request's address, user agent and id. */
+void audit_event_from_request(struct audit_event *ev, struct http_request *req, const char *org,
+                              const char *actor, const char *type);
+/*
+ * audit_write for an HTTP handler's operation: ev with details (stolen; a
+ * NULL from a failed json_pack is refused) in op's transaction, tracked by
+ * op, whose advance function gets the answer. -1 when refused: op has
+ * answered 500 (fail closed).
+ */
+int audit_op_write(struct http_op *op, struct audit_event *ev, json_t *details);
+
 struct audit_write;
 
 /* Outcome of audit_write_standalone: status 0 and the event id once committed, or -1. */

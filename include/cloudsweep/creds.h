@@ -138,8 +138,6 @@ void creds_rewrap_start(struct event_base *base, const struct config *cfg, struc
 void creds_rewrap_stop(void);
 /* Run a re-wrap batch now unless one is running (after a rotation; tests). */
 void creds_rewrap_kick(void);
-/* Batches committed and blobs re-wrapped by this worker so far (tests, logs). */
-void creds_rewrap_stats(long long *batches, long long *rewrapped);
 /* Register POST /api/v1/admin/keys/rotate and GET /api/v1/admin/keys. */
 void creds_keys_routes(struct router *r);
 /*

@@ -234,5 +234,13 @@ void http_op_fail(struct http_op *op, int status, const char *code, const char *
     CS_PRINTF(4, 5);
 /* Answer a database failure: 503 when unavailable or timed out, 500 otherwise. */
 void http_op_db_fail(struct http_op *op, enum db_event ev, const PGresult *res);
+/*
+ * Answer the JSON document a statement returned in row 0, column 0 (200),
+ * 404 when it returned no row or NULL. Start it with
+ * http_op_read_json(req, stmt, n, params) for a prepared statement.
+ */
+void http_op_json_advance(struct http_op *op, enum db_event ev, const PGresult *res);
+void http_op_read_json(struct http_request *req, const char *stmt, int n,
+                       const char *const *params);
 
 #endif

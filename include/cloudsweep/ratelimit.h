@@ -119,6 +119,11 @@ typedef void (*rl_count_cb)(void *arg, int status, long long count);
 /* Fill cfg with the defaults above. */
 void ratelimit_config_defaults(struct ratelimit_config *cfg);
 
+struct config;
+/* The defaults, then the daemon's configured rates and login block, with users at user_rate. */
+void ratelimit_config_from(struct ratelimit_config *rc, const struct config *cfg,
+                           long long user_rate_per_min);
+
 /*
  * A limiter for one worker on pool (borrowed; it must outlive the limiter).
  * Registers its prepared statements on the pool. NULL when cfg is invalid

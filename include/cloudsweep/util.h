@@ -46,6 +46,10 @@ void cs_random(void *buf, size_t len);
 void cs_hex(char *out, const unsigned char *in, size_t len);
 /* Compare two buffers in time that depends only on len. */
 bool cs_consttime_eq(const void *a, const void *b, size_t len);
+/* s is a UUID in its canonical text form (8-4-4-4-12 hex digits, either case). */
+bool cs_uuid_valid(const char *s);
+/* s holds an ASCII control character (below 0x20, or DEL). */
+bool cs_has_control(const char *s);
 /* A random version-4 UUID in canonical text form into out (37 bytes). */
 void cs_uuid4(char out[37]);
 

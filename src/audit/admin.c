@@ -20,33 +20,14 @@
 #include "cloudsweep/worker.h"
 #include "../auth/auth_int.h"
 
-/* A read whose single row holds a ready JSON document in column 0. */
-static void admin_read_advance(struct http_op *op, enum db_event ev, const PGresult *res)
-{
-	const char *doc;
-
-	if (ev != DB_OK) {
-		http_op_db_fail(op, ev, res);
-		return;
-	}
-	http_set_cancel(op->req, NULL, NULL);
-	if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
-		http_error(op->req, 500, "internal", "internal error");
-		return;
-	}
-	doc = PQgetvalue(res, 0, 0);
-	http_respond(op->req, 200, "application/json", doc, strlen(doc));
-}
-
 /* GET /api/v1/admin/ip-blocks */
 static void admin_blocks_get(struct http_request *req)
 {
-	struct http_op *op = http_op_new(req, sizeof(*op), admin_read_advance);
 	char lim[16];
 	const char *p[1] = { lim };
 
 	snprintf(lim, sizeof(lim), "%d", 1000);
-	(void)http_op_prepared(op, "admin_blocks", 1, p);
+	http_op_read_json(req, "admin_blocks", 1, p);
 }
 
 enum unblock_state {
@@ -88,13 +69,11 @@ static void admin_unblock_advance(struct http_op *op, enum db_event ev, const PG
 			return;
 		}
 		op->state = UNBLOCK_AUDIT;
-		auth_audit_fill(&aev, op->req, op->req->auth.org_id, op->req->auth.user_id,
-		                "access.ip_unblocked");
+		audit_event_from_request(&aev, op->req, op->req->auth.org_id, op->req->auth.user_id,
+		                         "access.ip_unblocked");
 		aev.resource_id = u->ip;
 		details = json_pack("{s:I}", "lifted", (json_int_t)u->lifted);
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case UNBLOCK_AUDIT:
@@ -155,7 +134,6 @@ static void admin_alerts_get(struct http_request *req)
 	const char *sev = http_query_arg(req, "severity"), *rule = http_query_arg(req, "rule");
 	char lim[16], ts[40] = "", id[37] = "";
 	const char *p[6];
-	struct http_op *op;
 	long n = 50;
 
 	if (limit != NULL) {
@@ -188,8 +166,7 @@ static void admin_alerts_get(struct http_request *req)
 	p[3] = lim;
 	p[4] = cursor != NULL ? ts : NULL;
 	p[5] = cursor != NULL ? id : NULL;
-	op = http_op_new(req, sizeof(*op), admin_read_advance);
-	(void)http_op_prepared(op, "admin_alerts", 6, p);
+	http_op_read_json(req, "admin_alerts", 6, p);
 }
 
 void alerts_routes(struct router *r)

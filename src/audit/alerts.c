@@ -685,7 +685,6 @@ void alerts_worker_free(void)
 {
 	if (alerts_g.running)
 		retention_stop();
-	/* The organization tier limiters live on the pool too: gone before it is. */
 	if (alerts_g.ev != NULL)
 		event_free(alerts_g.ev);
 	if (alerts_g.q != NULL)

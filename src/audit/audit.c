@@ -29,6 +29,7 @@
 
 #include "cloudsweep/audit.h"
 #include "cloudsweep/db.h"
+#include "cloudsweep/http.h"
 #include "cloudsweep/log.h"
 #include "cloudsweep/util.h"
 
@@ -235,22 +236,6 @@ static char *audit_b64_encode(const unsigned char *in, size_t len)
 
 	EVP_EncodeBlock((unsigned char *)out, in, (int)len);
 	return out;
-}
-
-static bool audit_uuid_valid(const char *s)
-{
-	if (s == NULL || strlen(s) != 36)
-		return false;
-	for (int i = 0; i < 36; i++) {
-		bool dash = i == 8 || i == 13 || i == 18 || i == 23;
-		char c = s[i];
-
-		if (dash ? c != '-'
-		         : !((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
-		             (c >= 'A' && c <= 'F')))
-			return false;
-	}
-	return true;
 }
 
 /* Length of the valid UTF-8 sequence at s, or 0 (never reads past a NUL). */
@@ -641,7 +626,7 @@ static int audit_params_build(const struct audit_event *ev, struct audit_params 
 		log_warnx("audit_event_refused", "unknown event type %.64s", type);
 		return -1;
 	}
-	if (ev->org_id != NULL && !audit_uuid_valid(ev->org_id)) {
+	if (ev->org_id != NULL && !cs_uuid_valid(ev->org_id)) {
 		log_warnx("audit_event_refused", "event %s: org id is not a UUID", type);
 		return -1;
 	}
@@ -702,6 +687,35 @@ struct db_query *audit_write(struct db_tx *tx, const struct audit_event *ev, db_
 		          p.v[5]);
 	audit_params_free(&p);
 	return q;
+}
+
+void audit_event_from_request(struct audit_event *ev, struct http_request *req, const char *org,
+                              const char *actor, const char *type)
+{
+	memset(ev, 0, sizeof(*ev));
+	ev->org_id = org;
+	ev->actor = actor;
+	ev->ip = req->client_ip;
+	ev->user_agent = http_header(req, "User-Agent");
+	ev->request_id = req->request_id;
+	ev->event_type = type;
+}
+
+int audit_op_write(struct http_op *op, struct audit_event *ev, json_t *details)
+{
+	struct db_query *q = NULL;
+
+	ev->details = details;
+	if (details != NULL)
+		q = audit_write(op->tx, ev, http_op_db_cb, op);
+	json_decref(details);
+	ev->details = NULL;
+	if (q == NULL) {
+		http_op_fail(op, 500, "internal", "the audit trail refused the event");
+		return -1;
+	}
+	http_op_track(op, q);
+	return 0;
 }
 
 /* ---- standalone writes ---- */
@@ -1071,7 +1085,7 @@ struct audit_verify *audit_verify_start(struct db_pool *pool, const char *org_id
 	const char *p[1];
 	struct audit_verify *v;
 
-	if (pool == NULL || cb == NULL || !audit_uuid_valid(org_id))
+	if (pool == NULL || cb == NULL || !cs_uuid_valid(org_id))
 		return NULL;
 	if (!audit.ready) {
 		log_warnx("audit_verify_failed", "audit_init has not run");
@@ -1357,7 +1371,7 @@ struct audit_sign *audit_anchor_sign(struct db_pool *pool, const char *org_id, c
 {
 	struct audit_sign *s;
 
-	if (!audit_uuid_valid(org_id) || before == NULL)
+	if (!cs_uuid_valid(org_id) || before == NULL)
 		return NULL;
 	if ((s = audit_sign_new(pool, cb, arg)) == NULL)
 		return NULL;

@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/queue.h>
 
+#include "cloudsweep/config.h"
 #include "cloudsweep/db.h"
 #include "cloudsweep/log.h"
 #include "cloudsweep/ratelimit.h"
@@ -183,6 +184,18 @@ void ratelimit_config_defaults(struct ratelimit_config *cfg)
 	cfg->block_window_s = 300;
 	cfg->block_duration_s = 900;
 	cfg->block_history_s = 86400;
+}
+
+void ratelimit_config_from(struct ratelimit_config *rc, const struct config *cfg,
+                           long long user_rate_per_min)
+{
+	ratelimit_config_defaults(rc);
+	rc->anon_rate_per_min = (double)cfg->ratelimit_anon_per_min;
+	rc->user_rate_per_min = (double)user_rate_per_min;
+	rc->global_rate_per_min = (double)cfg->ratelimit_global_per_min;
+	rc->block_threshold = (int)cfg->login_block_threshold;
+	rc->block_window_s = (int)cfg->login_block_window_s;
+	rc->block_duration_s = (int)cfg->login_block_duration_s;
 }
 
 /*

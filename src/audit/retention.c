@@ -269,13 +269,7 @@ void retention_start(struct event_base *base, const struct config *cfg, struct d
 		snprintf(host, sizeof(host), "unknown");
 	host[sizeof(host) - 1] = '\0';
 	snprintf(ret_g.holder, sizeof(ret_g.holder), "%s:%ld", host, (long)getpid());
-	ratelimit_config_defaults(&rc);
-	rc.anon_rate_per_min = (double)cfg->ratelimit_anon_per_min;
-	rc.user_rate_per_min = (double)cfg->ratelimit_user_per_min;
-	rc.global_rate_per_min = (double)cfg->ratelimit_global_per_min;
-	rc.block_threshold = (int)cfg->login_block_threshold;
-	rc.block_window_s = (int)cfg->login_block_window_s;
-	rc.block_duration_s = (int)cfg->login_block_duration_s;
+	ratelimit_config_from(&rc, cfg, cfg->ratelimit_user_per_min);
 	ret_g.rl = ratelimit_new(pool, &rc);
 	ret_g.ev = event_new(base, -1, EV_PERSIST, retention_tick_cb, NULL);
 	if (ret_g.rl == NULL || ret_g.ev == NULL || event_add(ret_g.ev, &tv) == -1)

@@ -32,9 +32,6 @@ void auth_token_hash_hex(char out[65], const char *tok);
 void auth_refresh_new(char out[AUTH_REFRESH_TEXT]);
 /* The successor of refresh token tok (keyed PRF, deterministic); 0 or -1. */
 int auth_refresh_successor(const char *tok, char out[AUTH_REFRESH_TEXT]) CS_WUR;
-/* Fill ev with the request's context. */
-void auth_audit_fill(struct audit_event *ev, struct http_request *req, const char *org,
-                     const char *actor, const char *type);
 /* Append an event in a transaction of its own, logging (not failing) on error. */
 void auth_audit_standalone(struct http_request *req, const char *org, const char *actor,
                            const char *type, const char *resource_id, json_t *details);
@@ -42,8 +39,6 @@ void auth_audit_standalone(struct http_request *req, const char *org, const char
 void auth_audit_refuse(struct http_request *req, const char *org, const char *actor,
                        const char *type, const char *resource_id, json_t *details, int status,
                        const char *code, const char *fmt, ...) CS_PRINTF(9, 10);
-/* Append ev in op's transaction; advance gets the result. -1 has answered already. */
-int auth_op_audit(struct http_op *op, const struct audit_event *ev);
 /* Set details[key] to the audit HMAC of value and append ev with them (details stolen). */
 int auth_op_audit_hmac(struct http_op *op, struct audit_event *ev, json_t *details, const char *key,
                        const char *value);
@@ -64,11 +59,8 @@ void auth_respond_tokens(struct http_request *req, int status, const char *user,
 void auth_login_gate(struct http_request *req, void (*proceed)(struct http_request *req));
 /* Count a failed login against the client address (may block it). */
 void auth_login_failed_note(struct http_request *req);
-/* Free the organization tier limiters of limit.c (alerts_worker_free calls it). */
+/* Free limit.c's tier limiters and fold table (auth_worker_free calls it). */
 void auth_limit_free(void);
-
-/* Whether s is a UUID in text form (36 characters, hex and dashes). */
-bool auth_uuid_valid(const char *s);
 
 /* Sessions revoked inside an op's transaction, to tell this worker's mirror after COMMIT. */
 struct auth_revoked {
@@ -103,9 +95,15 @@ void auth_mfa_routes(struct router *r);
 int auth_mfa_totp_check(const char *org, const char *user, const char *blob, const char *code,
                         long long last_step, long long *step) CS_WUR;
 /*
- * Count a failed second factor for user $1 with threshold $2 and base
- * seconds $3: the lock grows as the password's does, on its own columns.
+ * Count a failed password for user $1 with threshold $2 and base seconds $3:
+ * from the threshold on, the lock doubles with every failure (at most 1 h).
  */
+#define AUTH_PW_FAIL_SQL                                                             \
+	"UPDATE users SET pw_failures = pw_failures + 1, pw_locked_until = CASE "    \
+	"WHEN pw_failures + 1 >= $2::int THEN now() + make_interval(secs => "        \
+	"least($3::float8 * power(2, least(pw_failures + 1 - $2::int, 20)), 3600)) " \
+	"ELSE pw_locked_until END WHERE id = $1"
+/* The same for a failed second factor, on its own columns. */
 #define AUTH_MFA_FAIL_SQL                                                             \
 	"UPDATE users SET mfa_failures = mfa_failures + 1, mfa_locked_until = CASE "  \
 	"WHEN mfa_failures + 1 >= $2::int THEN now() + make_interval(secs => "        \

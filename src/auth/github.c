@@ -153,29 +153,6 @@ static bool gh_word_ok(const char *v, size_t max)
 	return v[n] == '\0' && n <= max;
 }
 
-/* The value of the cs_oauth cookie in the Cookie header (first one wins), or NULL. */
-static const char *gh_cookie(const struct http_request *req, size_t *lenp)
-{
-	const char *h = http_header(req, "Cookie");
-	size_t nlen = strlen(GH_COOKIE);
-
-	while (h != NULL && *h != '\0') {
-		const char *end = strchr(h, ';');
-		size_t len = end != NULL ? (size_t)(end - h) : strlen(h);
-
-		while (len > 0 && *h == ' ') {
-			h++;
-			len--;
-		}
-		if (len > nlen && strncmp(h, GH_COOKIE "=", nlen + 1) == 0) {
-			*lenp = len - nlen - 1;
-			return h + nlen + 1;
-		}
-		h = end != NULL ? end + 1 : NULL;
-	}
-	return NULL;
-}
-
 /* Copy base, dropping trailing slashes; NULL when it is not an http(s) URL. */
 static char *gh_base_url(const char *base)
 {
@@ -347,7 +324,7 @@ struct gh_callback_op {
 	char *name; /* pool-owned display name for a new user */
 	char email[256];
 	char user_id[37], org_id[37], role[16], session_id[37];
-	bool created, linked;
+	bool linked;
 };
 
 static void gh_cb_wipe(struct gh_callback_op *c)
@@ -484,13 +461,7 @@ static void gh_cb_token_done(struct gh_callback_op *c, const struct http_client_
 	gh_cb_call(c, "GET", url, NULL, 0);
 	free(url);
 out:
-	if (doc != NULL) {
-		json_t *t = json_object_get(doc, "access_token");
-
-		if (json_is_string(t))
-			cs_wipe((char *)json_string_value(t), json_string_length(t));
-		json_decref(doc);
-	}
+	auth_body_free(doc); /* access_token, and refresh_token with expiring user tokens */
 }
 
 static void gh_cb_user_done(struct gh_callback_op *c, const struct http_client_result *res)
@@ -676,7 +647,6 @@ static void gh_cb_decide(struct gh_callback_op *c, const PGresult *res)
 		cs_uuid4(c->user_id);
 		cs_uuid4(c->org_id);
 		snprintf(c->role, sizeof(c->role), "owner");
-		c->created = true;
 		op->state = GH_CB_SIGNUP;
 		(void)http_op_prepared(op, "github_signup", 6, p);
 	}
@@ -728,18 +698,12 @@ static void gh_cb_advance(struct http_op *op, enum db_event ev, const PGresult *
 	case GH_CB_LINK:
 		op->state = GH_CB_LINK_AUDIT;
 		c->linked = true;
-		auth_audit_fill(&aev, op->req,
-		                op->req->auth.authenticated ? op->req->auth.org_id : NULL,
-		                c->link_user, "user.updated");
+		audit_event_from_request(&aev, op->req,
+		                         op->req->auth.authenticated ? op->req->auth.org_id : NULL,
+		                         c->link_user, "user.updated");
 		aev.resource_id = c->link_user;
 		details = json_pack("{s:[s], s:s}", "fields", "github", "github_id", c->github_id);
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "cannot build the audit event");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	case GH_CB_LINK_AUDIT:
 		op->state = GH_CB_COMMIT;
@@ -747,7 +711,7 @@ static void gh_cb_advance(struct http_op *op, enum db_event ev, const PGresult *
 		return;
 	case GH_CB_SIGNUP:
 		op->state = GH_CB_SIGNUP_AUDIT;
-		auth_audit_fill(&aev, op->req, c->org_id, c->user_id, "auth.signup");
+		audit_event_from_request(&aev, op->req, c->org_id, c->user_id, "auth.signup");
 		aev.resource_id = c->user_id;
 		details = json_pack("{s:s, s:s, s:s}", "org_id", c->org_id, "method", "github",
 		                    "github_id", c->github_id);
@@ -768,7 +732,8 @@ static void gh_cb_advance(struct http_op *op, enum db_event ev, const PGresult *
 	}
 	case GH_CB_SESSION:
 		op->state = GH_CB_AUDIT;
-		auth_audit_fill(&aev, op->req, c->org_id, c->user_id, "auth.login.succeeded");
+		audit_event_from_request(&aev, op->req, c->org_id, c->user_id,
+		                         "auth.login.succeeded");
 		aev.resource_id = c->user_id;
 		details = json_pack("{s:s, s:b, s:s, s:s}", "method", "github", "mfa", 0,
 		                    "session_id", c->session_id, "github_id", c->github_id);
@@ -811,7 +776,7 @@ static void gh_callback(struct http_request *req)
 	                          "SameSite=Lax");
 	c = http_op_new(req, sizeof(*c), gh_cb_advance);
 	c->op.on_cancel = gh_cb_cancel;
-	cookie = gh_cookie(req, &blen);
+	cookie = auth_cookie_find(http_header(req, "Cookie"), GH_COOKIE, &blen);
 	if (state == NULL || *state == '\0' || strlen(state) > 128 || cookie == NULL || blen == 0 ||
 	    blen > 128) {
 		gh_cb_fail(c, 400, "invalid_state", "invalid_state",
@@ -846,6 +811,7 @@ static void gh_callback(struct http_request *req)
 enum gh_hook_state {
 	GH_HOOK_BEGIN,  /* BEGIN sent */
 	GH_HOOK_RECORD, /* the delivery inserted, or found: a replay */
+	GH_HOOK_USER,   /* the account linked to the sender looked up */
 	GH_HOOK_REVOKE, /* every session of the linked user revoked */
 	GH_HOOK_AUDIT,  /* auth.sessions.revoked appended */
 	GH_HOOK_COMMIT, /* COMMIT sent */
@@ -854,11 +820,10 @@ enum gh_hook_state {
 struct gh_hook_op {
 	struct http_op op;
 	char delivery[GH_FIELD_MAX + 1], event[GH_FIELD_MAX + 1], action[GH_FIELD_MAX + 1];
-	char sender[24]; /* GitHub user id of the payload's sender, or empty */
-	bool revoke;     /* github_app_authorization / revoked */
-	bool duplicate;
-	char user_id[37];
-	char *sids; /* pool-owned "id,id,..." of the sessions revoked, or NULL */
+	char sender[24];              /* GitHub user id of the payload's sender, or empty */
+	bool revoke;                  /* github_app_authorization / revoked */
+	char user_id[37], org_id[37]; /* the linked account and its home org ("": none) */
+	struct auth_revoked revoked;
 };
 
 /* Whether X-Hub-Signature-256 is the HMAC-SHA256 of the raw body under the secret. */
@@ -921,7 +886,6 @@ static void gh_hook_advance(struct http_op *op, enum db_event ev, const PGresult
 	case GH_HOOK_RECORD:
 		if (PQntuples(res) == 0) {
 			/* A replay: acknowledged, nothing done twice. */
-			h->duplicate = true;
 			http_op_rollback(op);
 			gh_hook_respond(op, "duplicate");
 			return;
@@ -932,54 +896,41 @@ static void gh_hook_advance(struct http_op *op, enum db_event ev, const PGresult
 			return;
 		}
 		{
-			char ttl[32];
-			const char *p[2] = { h->sender, ttl };
+			const char *p[1] = { h->sender };
 
-			snprintf(ttl, sizeof(ttl), "%lld", gh.cfg->access_token_ttl_s + 120);
-			op->state = GH_HOOK_REVOKE;
-			(void)http_op_prepared(op, "github_revoke_user", 2, p);
+			op->state = GH_HOOK_USER;
+			(void)http_op_prepared(op, "github_hook_user", 1, p);
 		}
 		return;
-	case GH_HOOK_REVOKE:
+	case GH_HOOK_USER:
 		if (PQntuples(res) != 1) {
 			op->state = GH_HOOK_COMMIT; /* nobody linked to that GitHub account */
 			http_op_commit(op);
 			return;
 		}
 		snprintf(h->user_id, sizeof(h->user_id), "%s", PQgetvalue(res, 0, 0));
-		if (!PQgetisnull(res, 0, 3))
-			h->sids = http_strndup(op->req, PQgetvalue(res, 0, 3),
-			                       (size_t)PQgetlength(res, 0, 3));
+		snprintf(h->org_id, sizeof(h->org_id), "%s", PQgetvalue(res, 0, 1));
+		op->state = GH_HOOK_REVOKE;
+		(void)auth_op_sessions_revoke(op, h->user_id, NULL, NULL, NULL,
+		                              "github_app_revoked");
+		return;
+	case GH_HOOK_REVOKE:
+		auth_revoked_keep(op->req, &h->revoked, res);
 		op->state = GH_HOOK_AUDIT;
-		auth_audit_fill(&aev, op->req,
-		                PQgetisnull(res, 0, 1) ? NULL : PQgetvalue(res, 0, 1), NULL,
-		                "auth.sessions.revoked");
+		audit_event_from_request(&aev, op->req, *h->org_id != '\0' ? h->org_id : NULL, NULL,
+		                         "auth.sessions.revoked");
 		aev.resource_id = h->user_id;
-		details = json_pack("{s:s, s:I, s:s}", "reason", "github_app_revoked", "families",
-		                    (json_int_t)strtoll(PQgetvalue(res, 0, 2), NULL, 10),
-		                    "delivery_id", h->delivery);
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "cannot build the audit event");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		details = json_pack("{s:s, s:i, s:s}", "reason", "github_app_revoked", "families",
+		                    h->revoked.n, "delivery_id", h->delivery);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	case GH_HOOK_AUDIT:
 		op->state = GH_HOOK_COMMIT;
 		http_op_commit(op);
 		return;
 	case GH_HOOK_COMMIT:
-		if (h->sids != NULL) {
-			long long exp = (long long)time(NULL) + gh.cfg->access_token_ttl_s + 120;
-			char *save = NULL;
-
-			/* This worker refuses the tokens at once; the others follow the NOTIFY. */
-			for (char *s = strtok_r(h->sids, ",", &save); s != NULL;
-			     s = strtok_r(NULL, ",", &save))
-				auth_revoke_note("sid", s, exp);
-		}
+		/* This worker refuses the tokens at once; the others follow the NOTIFY. */
+		auth_revoked_note(&h->revoked);
 		gh_hook_respond(op, "accepted");
 		return;
 	}
@@ -1093,19 +1044,12 @@ void auth_github_routes(struct router *r)
 	    "VALUES ($1, $2, $3, $4::bigint) ON CONFLICT (delivery_id) DO NOTHING "
 	    "RETURNING 1",
 	    4);
-	db_pool_prepare(
-	    db, "github_revoke_user",
-	    "WITH u AS (SELECT gi.user_id, (SELECT m.org_id FROM memberships m WHERE m.user_id = "
-	    "gi.user_id ORDER BY (m.role = 'owner') DESC, m.created_at LIMIT 1) AS org_id "
-	    "FROM github_identities gi WHERE gi.github_id = $1::bigint), "
-	    "s AS (UPDATE sessions SET revoked_at = now(), revoke_reason = 'github_app_revoked' "
-	    "WHERE user_id IN (SELECT user_id FROM u) AND revoked_at IS NULL "
-	    "AND expires_at > now() RETURNING id), "
-	    "r AS (INSERT INTO revocations (kind, value, expires_at) SELECT 'sid', id, "
-	    "now() + make_interval(secs => $2::bigint) FROM s RETURNING value) "
-	    "SELECT u.user_id, u.org_id, (SELECT count(*) FROM r), "
-	    "(SELECT string_agg(value::text, ',') FROM r) FROM u",
-	    2);
+	db_pool_prepare(db, "github_hook_user",
+	                "SELECT gi.user_id, coalesce((SELECT m.org_id::text FROM memberships m "
+	                "WHERE m.user_id = gi.user_id ORDER BY (m.role = 'owner') DESC, "
+	                "m.created_at LIMIT 1), '') FROM github_identities gi "
+	                "WHERE gi.github_id = $1::bigint",
+	                1);
 	router_add_perm(r, "GET", "/api/v1/auth/github/login", gh_login,
 	                ROUTE_NEEDS_DB | ROUTE_PUBLIC | ROUTE_NO_CSRF, NULL);
 	router_add_perm(r, "GET", "/api/v1/auth/github/callback", gh_callback,

@@ -147,13 +147,7 @@ static struct ratelimit *limit_for_org(const char *org_id, long long *tierp)
 		limit_g.full_logged = true;
 		return auth_g.rl;
 	}
-	ratelimit_config_defaults(&rc);
-	rc.anon_rate_per_min = (double)auth_g.cfg->ratelimit_anon_per_min;
-	rc.user_rate_per_min = (double)o->rate_per_min;
-	rc.global_rate_per_min = (double)auth_g.cfg->ratelimit_global_per_min;
-	rc.block_threshold = (int)auth_g.cfg->login_block_threshold;
-	rc.block_window_s = (int)auth_g.cfg->login_block_window_s;
-	rc.block_duration_s = (int)auth_g.cfg->login_block_duration_s;
+	ratelimit_config_from(&rc, auth_g.cfg, o->rate_per_min);
 	t = &limit_g.tiers[limit_g.ntiers];
 	t->rl = ratelimit_new(cs_worker->db, &rc);
 	if (t->rl == NULL)

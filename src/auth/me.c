@@ -18,51 +18,25 @@
 #include "cloudsweep/worker.h"
 #include "auth_int.h"
 
-/* A read whose single row holds a ready JSON document in column 0. */
-static void auth_json_read_advance(struct http_op *op, enum db_event ev, const PGresult *res)
-{
-	const char *doc;
-
-	if (ev != DB_OK) {
-		http_op_db_fail(op, ev, res);
-		return;
-	}
-	http_set_cancel(op->req, NULL, NULL);
-	if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
-		http_error(op->req, 404, "not_found", "not found");
-		return;
-	}
-	doc = PQgetvalue(res, 0, 0);
-	http_respond(op->req, 200, "application/json", doc, strlen(doc));
-}
-
-static void auth_json_read(struct http_request *req, const char *stmt, int n,
-                           const char *const *params)
-{
-	struct http_op *op = http_op_new(req, sizeof(*op), auth_json_read_advance);
-
-	(void)http_op_prepared(op, stmt, n, params);
-}
-
 static void me_get(struct http_request *req)
 {
 	const char *p[2] = { req->auth.user_id, req->auth.org_id };
 
-	auth_json_read(req, "auth_me", 2, p);
+	http_op_read_json(req, "auth_me", 2, p);
 }
 
 static void me_sessions_get(struct http_request *req)
 {
 	const char *p[2] = { req->auth.user_id, req->auth.session_id };
 
-	auth_json_read(req, "auth_me_sessions", 2, p);
+	http_op_read_json(req, "auth_me_sessions", 2, p);
 }
 
 static void members_get(struct http_request *req)
 {
 	const char *p[1] = { req->auth.org_id };
 
-	auth_json_read(req, "auth_members", 1, p);
+	http_op_read_json(req, "auth_members", 1, p);
 }
 
 /* GET /api/v1/org/invitations: the open ones (never their tokens). */
@@ -70,7 +44,7 @@ static void invitations_get(struct http_request *req)
 {
 	const char *p[1] = { req->auth.org_id };
 
-	auth_json_read(req, "auth_invitations", 1, p);
+	http_op_read_json(req, "auth_invitations", 1, p);
 }
 
 /* GET /api/v1/audit?from=&to=&event_type=&user_id=&limit=&cursor= */
@@ -105,12 +79,8 @@ static void audit_list_get(struct http_request *req)
 	p[4] = user;
 	p[5] = lim;
 	p[6] = cursor;
-	{
-		struct http_op *op = http_op_new(req, sizeof(*op), auth_json_read_advance);
-
-		/* Bad timestamps or ids surface as 22xxx errors: answer them as 400. */
-		(void)http_op_prepared(op, "audit_list", 7, p);
-	}
+	/* Bad timestamps or ids surface as 22xxx errors: answer them as 400. */
+	http_op_read_json(req, "audit_list", 7, p);
 }
 
 struct verify_op {
@@ -273,13 +243,7 @@ int auth_worker_init(struct event_base *base, const struct config *cfg, struct d
 	{
 		struct ratelimit_config rc;
 
-		ratelimit_config_defaults(&rc);
-		rc.anon_rate_per_min = (double)cfg->ratelimit_anon_per_min;
-		rc.user_rate_per_min = (double)cfg->ratelimit_user_per_min;
-		rc.global_rate_per_min = (double)cfg->ratelimit_global_per_min;
-		rc.block_threshold = (int)cfg->login_block_threshold;
-		rc.block_window_s = (int)cfg->login_block_window_s;
-		rc.block_duration_s = (int)cfg->login_block_duration_s;
+		ratelimit_config_from(&rc, cfg, cfg->ratelimit_user_per_min);
 		auth_g.rl = ratelimit_new(pool, &rc);
 		if (auth_g.rl == NULL) {
 			log_warnx("auth_init", "cannot start the rate limiter");

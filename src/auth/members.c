@@ -31,21 +31,6 @@
 
 #define MEMBERS_INVITE_TTL "7 days" /* how long an invitation can be accepted */
 
-/* ---- helpers shared with privacy.c ---- */
-
-bool auth_uuid_valid(const char *s)
-{
-	static const char shape[] = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx";
-
-	if (s == NULL || strlen(s) != 36)
-		return false;
-	for (int i = 0; i < 36; i++) {
-		if (shape[i] == '-' ? s[i] != '-' : strchr("0123456789abcdefABCDEF", s[i]) == NULL)
-			return false;
-	}
-	return true;
-}
-
 int auth_op_sessions_revoke(struct http_op *op, const char *user, const char *org, const char *only,
                             const char *keep, const char *reason)
 {
@@ -195,14 +180,14 @@ static void add_advance(struct http_op *op, enum db_event ev, const PGresult *re
 		op->state = ADD_AUDIT;
 		if (a->user_id[0] != '\0') {
 			a->joined_at = http_strndup(req, v, strlen(v));
-			auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id,
-			                "org.member.added");
+			audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+			                         "org.member.added");
 			aev.resource_id = a->user_id;
 			details = json_pack("{s:s}", "role", auth_role_name(a->role));
 		} else {
 			a->expires_at = http_strndup(req, v, strlen(v));
-			auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id,
-			                "org.member.invited");
+			audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+			                         "org.member.invited");
 			aev.resource_id = a->invite_id;
 			details = json_pack("{s:s, s:s}", "role", auth_role_name(a->role),
 			                    "expires_at", a->expires_at);
@@ -391,25 +376,19 @@ static void member_advance(struct http_op *op, enum db_event ev, const PGresult 
 		auth_revoked_keep(req, &m->revoked, res);
 		op->state = MEMBER_AUDIT;
 		if (m->remove) {
-			auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id,
-			                "org.member.removed");
+			audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+			                         "org.member.removed");
 			details = json_pack("{s:s, s:i}", "role", auth_role_name(m->old_role),
 			                    "sessions_revoked", m->revoked.n);
 		} else {
-			auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id,
-			                "org.member.role_changed");
+			audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+			                         "org.member.role_changed");
 			details = json_pack(
 			    "{s:s, s:s, s:i}", "old_role", auth_role_name(m->old_role), "new_role",
 			    auth_role_name(m->new_role), "sessions_revoked", m->revoked.n);
 		}
 		aev.resource_id = m->target;
-		aev.details = details;
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "cannot build the audit details");
-			return;
-		}
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case MEMBER_AUDIT:
@@ -434,7 +413,7 @@ static void member_start(struct http_request *req, bool remove, enum auth_role r
 	const char *target = http_param(req, "user_id");
 	struct member_op *m;
 
-	if (!auth_uuid_valid(target)) {
+	if (!cs_uuid_valid(target)) {
 		http_error(req, 404, "not_found", "no such member");
 		return;
 	}
@@ -503,8 +482,8 @@ static void invitation_delete_advance(struct http_op *op, enum db_event ev, cons
 			return;
 		}
 		op->state = INVITATION_AUDIT;
-		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id,
-		                "org.member.invitation_revoked");
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "org.member.invitation_revoked");
 		aev.resource_id = http_param(req, "id");
 		(void)auth_op_audit_hmac(op, &aev,
 		                         json_pack("{s:s}", "role", PQgetvalue(res, 0, 0)), "email",
@@ -525,7 +504,7 @@ static void invitation_delete(struct http_request *req)
 {
 	struct http_op *op;
 
-	if (!auth_uuid_valid(http_param(req, "id"))) {
+	if (!cs_uuid_valid(http_param(req, "id"))) {
 		http_error(req, 404, "not_found", "no such open invitation");
 		return;
 	}
@@ -576,18 +555,12 @@ static void sessions_advance(struct http_op *op, enum db_event ev, const PGresul
 			return;
 		}
 		op->state = SESSIONS_AUDIT;
-		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id,
-		                "auth.sessions.revoked");
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "auth.sessions.revoked");
 		aev.resource_id = req->auth.user_id;
 		details = json_pack("{s:s, s:i, s:s?}", "reason", "user_request", "families",
 		                    s->revoked.n, "session_id", s->only);
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "cannot build the audit details");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	case SESSIONS_AUDIT:
 		op->state = SESSIONS_COMMIT;
@@ -625,7 +598,7 @@ static void me_session_delete(struct http_request *req)
 {
 	const char *id = http_param(req, "id");
 
-	if (!auth_uuid_valid(id)) {
+	if (!cs_uuid_valid(id)) {
 		http_error(req, 404, "not_found", "no such session");
 		return;
 	}
@@ -808,17 +781,11 @@ static void password_advance(struct http_op *op, enum db_event ev, const PGresul
 
 		auth_revoked_keep(req, &p->revoked, res);
 		op->state = PASSWORD_AUDIT;
-		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id,
-		                "auth.password.changed");
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "auth.password.changed");
 		aev.resource_id = req->auth.user_id;
 		details = json_pack("{s:i}", "sessions_revoked", p->revoked.n);
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "cannot build the audit details");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case PASSWORD_AUDIT:
@@ -837,19 +804,6 @@ static void password_advance(struct http_op *op, enum db_event ev, const PGresul
 }
 
 /* Wipe the password fields of a body before it is freed. */
-static void password_body_free(json_t *body)
-{
-	static const char *const keys[] = { "current_password", "new_password" };
-
-	for (size_t i = 0; i < CS_ARRAY_LEN(keys); i++) {
-		json_t *v = json_object_get(body, keys[i]);
-
-		if (json_is_string(v))
-			cs_wipe((char *)json_string_value(v), json_string_length(v));
-	}
-	json_decref(body);
-}
-
 static void me_password_post(struct http_request *req)
 {
 	json_t *body = http_json_body(req);
@@ -875,7 +829,7 @@ static void me_password_post(struct http_request *req)
 	p->op.state = PASSWORD_LOOKUP;
 	(void)http_op_prepared(&p->op, "members_password_lookup", 1, params);
 out:
-	password_body_free(body);
+	auth_body_free(body);
 }
 
 /* ---- registration ---- */
@@ -912,12 +866,7 @@ void auth_members_routes(struct router *r)
 	                "SELECT password_hash, email, coalesce(pw_locked_until > now(), false) "
 	                "FROM users WHERE id = $1 AND deleted_at IS NULL",
 	                1);
-	db_pool_prepare(db, "members_password_failed",
-	                "UPDATE users SET pw_failures = pw_failures + 1, pw_locked_until = CASE "
-	                "WHEN pw_failures + 1 >= $2::int THEN now() + make_interval(secs => "
-	                "least($3::float8 * power(2, least(pw_failures + 1 - $2::int, 20)), 3600)) "
-	                "ELSE pw_locked_until END WHERE id = $1",
-	                3);
+	db_pool_prepare(db, "members_password_failed", AUTH_PW_FAIL_SQL, 3);
 	router_add_perm(r, "POST", "/api/v1/org/members", members_post, ROUTE_NEEDS_DB,
 	                "members:manage");
 	router_add_perm(r, "PATCH", "/api/v1/org/members/{user_id}", members_patch, ROUTE_NEEDS_DB,

@@ -182,13 +182,7 @@ static void mfa_fail_count(struct mfa_op *m)
 	mfa_wipe(m);
 	m->op.state = MFA_FAIL_COUNT;
 	if (m->count_pw)
-		(void)http_op_query(
-		    &m->op,
-		    "UPDATE users SET pw_failures = pw_failures + 1, pw_locked_until = CASE "
-		    "WHEN pw_failures + 1 >= $2::int THEN now() + make_interval(secs => "
-		    "least($3::float8 * power(2, least(pw_failures + 1 - $2::int, 20)), 3600)) "
-		    "ELSE pw_locked_until END WHERE id = $1",
-		    3, p);
+		(void)http_op_query(&m->op, AUTH_PW_FAIL_SQL, 3, p);
 	else
 		(void)http_op_query(&m->op, AUTH_MFA_FAIL_SQL, 3, p);
 }
@@ -354,7 +348,7 @@ static void mfa_audit(struct mfa_op *m)
 	struct audit_event aev;
 	json_t *details;
 
-	auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id, types[m->kind]);
+	audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id, types[m->kind]);
 	aev.resource_id = req->auth.user_id;
 	if (m->kind == MFA_ENROLL)
 		details = json_object();
@@ -362,14 +356,8 @@ static void mfa_audit(struct mfa_op *m)
 		details = json_pack("{s:s}", "method", m->step[0] != '\0' ? "totp" : "password");
 	else
 		details = json_pack("{s:i}", "backup_codes", BACKUP_CODE_COUNT);
-	if (details == NULL) {
-		http_op_fail(&m->op, 500, "internal", "the audit trail is not ready");
-		return;
-	}
-	aev.details = details;
 	m->op.state = MFA_AUDIT;
-	(void)auth_op_audit(&m->op, &aev);
-	json_decref(details);
+	(void)audit_op_write(&m->op, &aev, details);
 }
 
 /*

@@ -71,17 +71,12 @@ static void export_advance(struct http_op *op, enum db_event ev, const PGresult 
 		x->len = (size_t)PQgetlength(res, 0, 0);
 		x->doc = http_strndup(req, PQgetvalue(res, 0, 0), x->len);
 		op->state = EXPORT_AUDIT;
-		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id, "user.exported");
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "user.exported");
 		aev.resource_id = req->auth.user_id;
 		details = json_pack("{s:I, s:I}", "bytes", (json_int_t)x->len, "audit_events",
 		                    (json_int_t)strtoll(PQgetvalue(res, 0, 1), NULL, 10));
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "cannot build the audit details");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	case EXPORT_AUDIT:
 		op->state = EXPORT_COMMIT;
@@ -187,15 +182,13 @@ static void patch_advance(struct http_op *op, enum db_event ev, const PGresult *
 			return;
 		}
 		op->state = PATCH_AUDIT;
-		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id, "user.updated");
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "user.updated");
 		aev.resource_id = req->auth.user_id;
-		if (p->email_pending) {
-			auth_op_audit_hmac(op, &aev, details, "email", p->email);
-		} else {
-			aev.details = details;
-			(void)auth_op_audit(op, &aev);
-			json_decref(details);
-		}
+		if (p->email_pending)
+			(void)auth_op_audit_hmac(op, &aev, details, "email", p->email);
+		else
+			(void)audit_op_write(op, &aev, details);
 		return;
 	case PATCH_AUDIT:
 		op->state = PATCH_COMMIT;
@@ -211,15 +204,6 @@ static void patch_advance(struct http_op *op, enum db_event ev, const PGresult *
 		patch_cancel(op);
 		return;
 	}
-}
-
-/* Whether s holds a control character (names are shown in lists and logs). */
-static bool privacy_has_control(const char *s)
-{
-	for (; *s != '\0'; s++)
-		if ((unsigned char)*s < 0x20 || *s == 0x7f)
-			return true;
-	return false;
 }
 
 static void me_patch(struct http_request *req)
@@ -243,7 +227,7 @@ static void me_patch(struct http_request *req)
 		name = auth_body_str(req, body, "name", 255, true);
 		if (name == NULL)
 			goto out;
-		if (privacy_has_control(name)) {
+		if (cs_has_control(name)) {
 			http_error(req, 400, "invalid_request",
 			           "field name must not contain control characters");
 			goto out;
@@ -335,7 +319,8 @@ static void verify_email_advance(struct http_op *op, enum db_event ev, const PGr
 		v->user = json_pack("{s:s, s:s, s:s}", "id", PQgetvalue(res, 0, 0), "email",
 		                    v->email, "name", PQgetvalue(res, 0, 2));
 		op->state = VERIFY_AUDIT;
-		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id, "user.updated");
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "user.updated");
 		aev.resource_id = req->auth.user_id;
 		auth_op_audit_hmac(op, &aev,
 		                   json_pack("{s:[s], s:b}", "fields", "email", "verified", 1),
@@ -371,11 +356,10 @@ static void me_email_verify_post(struct http_request *req)
 	v = http_op_new(req, sizeof(*v), verify_email_advance);
 	v->op.on_cancel = verify_email_cancel;
 	auth_token_hash_hex(v->hash, tok);
-	cs_wipe((char *)tok, strlen(tok));
 	v->op.state = VERIFY_BEGIN;
 	(void)http_op_begin(&v->op);
 out:
-	json_decref(body);
+	auth_body_free(body);
 }
 
 /* ---- DELETE /api/v1/me ---- */
@@ -461,17 +445,12 @@ static void delete_advance(struct http_op *op, enum db_event ev, const PGresult 
 	case DELETE_REVOKE:
 		auth_revoked_keep(req, &d->revoked, res);
 		op->state = DELETE_AUDIT;
-		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id, "user.deleted");
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "user.deleted");
 		aev.resource_id = req->auth.user_id;
 		details = json_pack("{s:s, s:i}", "purge_after", d->purge_after, "sessions_revoked",
 		                    d->revoked.n);
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "cannot build the audit details");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	case DELETE_AUDIT:
 		op->state = DELETE_COMMIT;

@@ -101,18 +101,6 @@ int auth_refresh_successor(const char *tok, char out[AUTH_REFRESH_TEXT])
 	return 0;
 }
 
-void auth_audit_fill(struct audit_event *ev, struct http_request *req, const char *org,
-                     const char *actor, const char *type)
-{
-	memset(ev, 0, sizeof(*ev));
-	ev->org_id = org;
-	ev->actor = actor;
-	ev->ip = req->client_ip;
-	ev->user_agent = http_header(req, "User-Agent");
-	ev->request_id = req->request_id;
-	ev->event_type = type;
-}
-
 static void auth_standalone_cb(void *arg, int status, const char *event_id)
 {
 	if (status != 0)
@@ -126,7 +114,7 @@ void auth_audit_standalone(struct http_request *req, const char *org, const char
 
 	if (cs_worker == NULL || cs_worker->db == NULL)
 		return;
-	auth_audit_fill(&ev, req, org, actor, type);
+	audit_event_from_request(&ev, req, org, actor, type);
 	ev.resource_id = resource_id;
 	ev.details = details;
 	if (audit_write_standalone(cs_worker->db, &ev, auth_standalone_cb, NULL) == NULL)
@@ -184,7 +172,7 @@ void auth_audit_refuse(struct http_request *req, const char *org, const char *ac
 		auth_refusal_answer(r);
 		return;
 	}
-	auth_audit_fill(&ev, req, org, actor, type);
+	audit_event_from_request(&ev, req, org, actor, type);
 	ev.resource_id = resource_id;
 	ev.details = details;
 	http_set_cancel(req, auth_refusal_cancel, r);
@@ -197,28 +185,12 @@ void auth_audit_refuse(struct http_request *req, const char *org, const char *ac
 int auth_op_audit_hmac(struct http_op *op, struct audit_event *ev, json_t *details, const char *key,
                        const char *value)
 {
-	int rc = -1;
-
-	if (details == NULL || audit_details_set_hmac(details, key, value) == -1) {
+	if (details != NULL && audit_details_set_hmac(details, key, value) == -1) {
+		json_decref(details);
 		http_op_fail(op, 500, "internal", "the audit trail is not ready");
-	} else {
-		ev->details = details;
-		rc = auth_op_audit(op, ev);
-	}
-	json_decref(details);
-	return rc;
-}
-
-int auth_op_audit(struct http_op *op, const struct audit_event *ev)
-{
-	struct db_query *q = audit_write(op->tx, ev, http_op_db_cb, op);
-
-	if (q == NULL) {
-		http_op_fail(op, 500, "internal", "the audit trail refused the event");
 		return -1;
 	}
-	http_op_track(op, q);
-	return 0;
+	return audit_op_write(op, ev, details);
 }
 
 /* The body's string field name, bounded; on failure answers 400 naming it. */
@@ -243,9 +215,12 @@ const char *auth_body_str(struct http_request *req, json_t *body, const char *na
 
 void auth_body_free(json_t *body)
 {
-	static const char *const secret_fields[] = { "password", "totp", "backup_code", "code" };
+	static const char *const secret_fields[] = {
+		"password", "current_password", "new_password",  "totp",         "backup_code",
+		"code",     "invite_token",     "refresh_token", "access_token", "token"
+	};
 
-	/* The body held a password or a code: wipe jansson's copies before they are freed. */
+	/* The body held a password, a code or a token: wipe jansson's copies before freeing. */
 	for (size_t i = 0; i < CS_ARRAY_LEN(secret_fields); i++) {
 		json_t *v = json_object_get(body, secret_fields[i]);
 
@@ -452,7 +427,7 @@ static void signup_advance(struct http_op *op, enum db_event ev, const PGresult 
 			                           (size_t)PQgetlength(res, 0, 2));
 		}
 		op->state = SIGNUP_AUDIT;
-		auth_audit_fill(&aev, op->req, s->org_id, s->user_id, "auth.signup");
+		audit_event_from_request(&aev, op->req, s->org_id, s->user_id, "auth.signup");
 		aev.resource_id = s->user_id;
 		details = json_pack("{s:s, s:s, s:b}", "org_name", s->org_name, "role", s->role,
 		                    "invitation", *s->invite_hash != '\0');
@@ -822,27 +797,22 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 		}
 		l->codes_left = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
 		op->state = LOGIN_MFA_AUDIT;
-		auth_audit_fill(&aev, op->req, l->org_id, l->user_id,
-		                l->code_hash[0] != '\0' ? "auth.mfa.backup_code_used"
-		                                        : "auth.mfa.used");
+		audit_event_from_request(&aev, op->req, l->org_id, l->user_id,
+		                         l->code_hash[0] != '\0' ? "auth.mfa.backup_code_used"
+		                                                 : "auth.mfa.used");
 		aev.resource_id = l->user_id;
 		details = l->code_hash[0] != '\0'
 		              ? json_pack("{s:I}", "remaining", (json_int_t)l->codes_left)
 		              : json_pack("{s:i}", "step", l->mfa_offset);
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "the audit trail is not ready");
-			return;
-		}
-		aev.details = details;
-		(void)auth_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	case LOGIN_MFA_AUDIT:
 		login_write(l);
 		return;
 	case LOGIN_WRITE:
 		op->state = LOGIN_AUDIT;
-		auth_audit_fill(&aev, op->req, l->org_id, l->user_id, "auth.login.succeeded");
+		audit_event_from_request(&aev, op->req, l->org_id, l->user_id,
+		                         "auth.login.succeeded");
 		aev.resource_id = l->user_id;
 		details = json_pack("{s:s, s:s, s:b}", "method", "password", "session_id",
 		                    l->session_id, "mfa", l->mfa_enabled);
@@ -875,19 +845,13 @@ static void login_advance(struct http_op *op, enum db_event ev, const PGresult *
 			(void)http_op_query(op, AUTH_MFA_FAIL_SQL, 3, p);
 			return;
 		}
-		(void)http_op_query(
-		    op,
-		    "UPDATE users SET pw_failures = pw_failures + 1, pw_locked_until = CASE "
-		    "WHEN pw_failures + 1 >= $2::int THEN now() + make_interval(secs => "
-		    "least($3::float8 * power(2, least(pw_failures + 1 - $2::int, 20)), 3600)) "
-		    "ELSE pw_locked_until END WHERE id = $1",
-		    3, p);
+		(void)http_op_query(op, AUTH_PW_FAIL_SQL, 3, p);
 		return;
 	}
 	case LOGIN_FAIL_UPDATE:
 		op->state = LOGIN_FAIL_AUDIT;
-		auth_audit_fill(&aev, op->req, l->found ? l->org_id : NULL,
-		                l->found ? l->user_id : NULL, "auth.login.failed");
+		audit_event_from_request(&aev, op->req, l->found ? l->org_id : NULL,
+		                         l->found ? l->user_id : NULL, "auth.login.failed");
 		aev.resource_id = l->found ? l->user_id : NULL;
 		details = json_pack("{s:s, s:b}", "reason", l->why, "mfa", l->mfa_enabled);
 		auth_op_audit_hmac(op, &aev, details, "email", l->email);
@@ -1115,8 +1079,9 @@ static void refresh_advance(struct http_op *op, enum db_event ev, const PGresult
 			return;
 		}
 		op->state = REFRESH_AUDIT;
-		auth_audit_fill(&aev, op->req, r->org_id, r->user_id,
-		                r->reused ? "auth.refresh.reused" : "auth.refresh.succeeded");
+		audit_event_from_request(&aev, op->req, r->org_id, r->user_id,
+		                         r->reused ? "auth.refresh.reused"
+		                                   : "auth.refresh.succeeded");
 		aev.resource_type = "session";
 		aev.resource_id = r->session_id;
 		details = json_object();
@@ -1158,7 +1123,7 @@ static void auth_refresh(struct http_request *req)
 	r->op.state = REFRESH_BEGIN;
 	(void)http_op_begin(&r->op);
 out:
-	json_decref(body);
+	auth_body_free(body);
 }
 
 /* ---- POST /api/v1/auth/logout ---- */
@@ -1203,7 +1168,8 @@ static void logout_advance(struct http_op *op, enum db_event ev, const PGresult 
 	}
 	case LOGOUT_REVOKE:
 		op->state = LOGOUT_AUDIT;
-		auth_audit_fill(&aev, req, req->auth.org_id, req->auth.user_id, "auth.logout");
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "auth.logout");
 		aev.resource_id = req->auth.session_id;
 		details = json_object();
 		auth_op_audit_hmac(op, &aev, details, "jti", req->auth.jti);

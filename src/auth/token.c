@@ -169,24 +169,11 @@ static bool auth_header_ok(const char *tok)
 	return ok;
 }
 
-static bool auth_uuid_ok(const char *s)
-{
-	static const char shape[] = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx";
-
-	if (s == NULL || strlen(s) != 36)
-		return false;
-	for (int i = 0; i < 36; i++) {
-		if (shape[i] == '-' ? s[i] != '-' : strchr("0123456789abcdef", s[i]) == NULL)
-			return false;
-	}
-	return true;
-}
-
 static int auth_copy_uuid(char dst[37], jwt_t *jwt, const char *grant)
 {
 	const char *v = jwt_get_grant(jwt, grant);
 
-	if (!auth_uuid_ok(v))
+	if (!cs_uuid_valid(v))
 		return -1;
 	memcpy(dst, v, 37);
 	return 0;

@@ -193,3 +193,27 @@ void http_op_db_fail(struct http_op *op, enum db_event ev, const PGresult *res)
 	          res != NULL ? PQresultErrorMessage(res) : "query failed without a result");
 	http_op_fail(op, 500, "internal", "internal error");
 }
+
+void http_op_json_advance(struct http_op *op, enum db_event ev, const PGresult *res)
+{
+	const char *doc;
+
+	if (ev != DB_OK) {
+		http_op_db_fail(op, ev, res);
+		return;
+	}
+	http_set_cancel(op->req, NULL, NULL);
+	if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
+		http_error(op->req, 404, "not_found", "not found");
+		return;
+	}
+	doc = PQgetvalue(res, 0, 0);
+	http_respond(op->req, 200, "application/json", doc, strlen(doc));
+}
+
+void http_op_read_json(struct http_request *req, const char *stmt, int n, const char *const *params)
+{
+	struct http_op *op = http_op_new(req, sizeof(*op), http_op_json_advance);
+
+	(void)http_op_prepared(op, stmt, n, params);
+}

@@ -23,25 +23,6 @@
 
 struct scan_globals scan_g;
 
-/* ---- helpers shared by the files of scan/ ---- */
-
-bool scan_is_uuid(const char *s)
-{
-	size_t i;
-
-	if (s == NULL || strlen(s) != 36)
-		return false;
-	for (i = 0; i < 36; i++) {
-		if (i == 8 || i == 13 || i == 18 || i == 23) {
-			if (s[i] != '-')
-				return false;
-		} else if (!isxdigit((unsigned char)s[i])) {
-			return false;
-		}
-	}
-	return true;
-}
-
 bool scan_query_limit(struct http_request *req, char out[16])
 {
 	const char *limit = http_query_arg(req, "limit");
@@ -63,26 +44,8 @@ bool scan_query_limit(struct http_request *req, char out[16])
 void scan_audit_fill(struct audit_event *ev, struct http_request *req, const char *type,
                      const char *resource_id)
 {
-	memset(ev, 0, sizeof(*ev));
-	ev->org_id = req->auth.org_id;
-	ev->actor = req->auth.user_id;
-	ev->ip = req->client_ip;
-	ev->user_agent = http_header(req, "User-Agent");
-	ev->request_id = req->request_id;
-	ev->event_type = type;
+	audit_event_from_request(ev, req, req->auth.org_id, req->auth.user_id, type);
 	ev->resource_id = resource_id;
-}
-
-int scan_op_audit(struct http_op *op, const struct audit_event *ev)
-{
-	struct db_query *q = audit_write(op->tx, ev, http_op_db_cb, op);
-
-	if (q == NULL) {
-		http_op_fail(op, 500, "internal", "the audit trail refused the event");
-		return -1;
-	}
-	http_op_track(op, q);
-	return 0;
 }
 
 /* Lower-case a UUID in place (NOTIFY payloads and the watch table use lower case). */
@@ -104,10 +67,11 @@ enum scan_create_state {
 
 struct scan_create {
 	struct http_op op;
-	json_t *accounts; /* owned; requested account ids (strings, lower case) */
-	json_t *regions;  /* owned; requested regions, or NULL */
-	json_t *checks;   /* owned; requested checks, or NULL */
-	json_t *settings; /* owned; defaults merged with the overrides */
+	json_t *accounts;        /* owned; requested account ids (strings, lower case) */
+	const char *accounts_pg; /* accounts as a Postgres array (request pool), from BEGIN on */
+	json_t *regions;         /* owned; requested regions, or NULL */
+	json_t *checks;          /* owned; requested checks, or NULL */
+	json_t *settings;        /* owned; defaults merged with the overrides */
 	char id[37];
 	char version[24];
 	int units;
@@ -234,7 +198,7 @@ static void scan_create_plan(struct scan_create *sc, const PGresult *res)
 		char *settings = json_dumps(sc->settings, JSON_COMPACT);
 		const char *p[9] = { req->auth.org_id,
 			             req->auth.user_id,
-			             scan_pg_array(req, sc->accounts),
+			             sc->accounts_pg,
 			             sc->regions != NULL ? scan_pg_array(req, sc->regions) : NULL,
 			             sc->checks != NULL ? scan_pg_array(req, sc->checks) : NULL,
 			             settings,
@@ -262,8 +226,11 @@ static void scan_create_advance(struct http_op *op, enum db_event ev, const PGre
 	}
 	switch (op->state) {
 	case SCAN_CREATE_BEGIN: {
-		const char *p[2] = { scan_pg_array(req, sc->accounts), req->auth.org_id };
+		const char *p[2];
 
+		sc->accounts_pg = scan_pg_array(req, sc->accounts);
+		p[0] = sc->accounts_pg;
+		p[1] = req->auth.org_id;
 		op->state = SCAN_CREATE_ACCOUNTS;
 		(void)http_op_prepared(op, "scan_accounts", 2, p);
 		return;
@@ -281,9 +248,7 @@ static void scan_create_advance(struct http_op *op, enum db_event ev, const PGre
 		scan_audit_fill(&aev, req, "scan.created", sc->id);
 		details = json_pack("{s:i, s:O, s:O?, s:O?}", "units", sc->units, "aws_account_ids",
 		                    sc->accounts, "regions", sc->regions, "checks", sc->checks);
-		aev.details = details;
-		(void)scan_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case SCAN_CREATE_AUDIT:
@@ -333,7 +298,7 @@ static int scan_body_list(struct http_request *req, json_t *body, const char *na
 			return -1;
 		}
 		snprintf(buf, sizeof(buf), "%s", json_string_value(e));
-		if (ok == scan_is_uuid)
+		if (ok == cs_uuid_valid)
 			scan_uuid_lower(buf);
 		if (scan_json_has(list, buf)) {
 			http_error(req, 400, "invalid_request", "%s[%zu] is repeated", name, i);
@@ -417,7 +382,7 @@ static void scans_post(struct http_request *req)
 		http_error(req, 400, "invalid_request", "aws_account_ids is required");
 		goto fail;
 	}
-	if (scan_body_list(req, body, "aws_account_ids", SCAN_MAX_ACCOUNTS, scan_is_uuid,
+	if (scan_body_list(req, body, "aws_account_ids", SCAN_MAX_ACCOUNTS, cs_uuid_valid,
 	                   &accounts) == -1 ||
 	    scan_body_list(req, body, "regions", SCAN_MAX_REGIONS, scan_region_ok, &regions) ==
 	        -1 ||
@@ -454,7 +419,7 @@ static void scan_get(struct http_request *req)
 	long w = 0;
 	long long v = -1;
 
-	if (!scan_is_uuid(id)) {
+	if (!cs_uuid_valid(id)) {
 		http_error(req, 404, "not_found", "no such scan");
 		return;
 	}
@@ -478,28 +443,14 @@ static void scan_get(struct http_request *req)
 	scan_longpoll_get(req, lid, since != NULL ? (int)w : 0, v);
 }
 
-static void scan_json_read_advance(struct http_op *op, enum db_event ev, const PGresult *res)
-{
-	const char *doc;
-
-	if (ev != DB_OK) {
-		http_op_db_fail(op, ev, res);
-		return;
-	}
-	http_set_cancel(op->req, NULL, NULL);
-	doc = PQgetvalue(res, 0, 0);
-	http_respond(op->req, 200, "application/json", doc, strlen(doc));
-}
-
 static void scans_list(struct http_request *req)
 {
 	const char *status = http_query_arg(req, "status"), *cursor = http_query_arg(req, "cursor");
 	char lim[16];
-	struct http_op *op;
 
 	if (!scan_query_limit(req, lim))
 		return;
-	if (cursor != NULL && !scan_is_uuid(cursor)) {
+	if (cursor != NULL && !cs_uuid_valid(cursor)) {
 		http_error(req, 400, "invalid_request", "cursor is not valid");
 		return;
 	}
@@ -512,8 +463,7 @@ static void scans_list(struct http_request *req)
 	{
 		const char *p[4] = { req->auth.org_id, status, lim, cursor };
 
-		op = http_op_new(req, sizeof(*op), scan_json_read_advance);
-		(void)http_op_prepared(op, "scan_list", 4, p);
+		http_op_read_json(req, "scan_list", 4, p);
 	}
 }
 

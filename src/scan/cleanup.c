@@ -719,9 +719,7 @@ static void cleanup_advance(struct cleanup *c, enum cleanup_event ev, enum db_ev
 		              c->kind->action, "result", c->result_status, "aws_request_id",
 		              c->request_id[0] ? c->request_id : NULL, "error_code",
 		              c->aws_code[0] ? c->aws_code : NULL, "snapshot_id", c->snapshot_id);
-		aev.details = details;
-		(void)scan_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case CLEANUP_AUDIT:
@@ -828,7 +826,7 @@ static bool cleanup_parse(struct http_request *req, bool batch, const json_t *bo
 	for (i = 0; i < n; i++) {
 		const char *s = json_string_value(json_array_get(ids, i));
 
-		if (s == NULL || !scan_is_uuid(s)) {
+		if (s == NULL || !cs_uuid_valid(s)) {
 			http_error(req, 400, "invalid_request", "ids[%zu] is not a UUID", i);
 			return false;
 		}
@@ -901,7 +899,7 @@ static void cleanup_one(struct http_request *req)
 {
 	struct cleanup *c;
 
-	if (!scan_is_uuid(http_param(req, "id"))) {
+	if (!cs_uuid_valid(http_param(req, "id"))) {
 		http_error(req, 404, "not_found", "no such waste item");
 		return;
 	}

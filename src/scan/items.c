@@ -17,19 +17,6 @@
 
 static const char *const item_statuses[] = { "open", "approved", "cleaned", "failed", "dismissed" };
 
-static void item_json_read_advance(struct http_op *op, enum db_event ev, const PGresult *res)
-{
-	const char *doc;
-
-	if (ev != DB_OK) {
-		http_op_db_fail(op, ev, res);
-		return;
-	}
-	http_set_cancel(op->req, NULL, NULL);
-	doc = PQgetvalue(res, 0, 0);
-	http_respond(op->req, 200, "application/json", doc, strlen(doc));
-}
-
 /* ---- GET /api/v1/waste-items ---- */
 
 static void items_list(struct http_request *req)
@@ -42,15 +29,15 @@ static void items_list(struct http_request *req)
 
 	if (!scan_query_limit(req, lim))
 		return;
-	if (scan != NULL && !scan_is_uuid(scan)) {
+	if (scan != NULL && !cs_uuid_valid(scan)) {
 		http_error(req, 400, "invalid_request", "scan_id is not a UUID");
 		return;
 	}
-	if (acct != NULL && !scan_is_uuid(acct)) {
+	if (acct != NULL && !cs_uuid_valid(acct)) {
 		http_error(req, 400, "invalid_request", "account_id is not a UUID");
 		return;
 	}
-	if (cursor != NULL && !scan_is_uuid(cursor)) {
+	if (cursor != NULL && !cs_uuid_valid(cursor)) {
 		http_error(req, 400, "invalid_request", "cursor is not valid");
 		return;
 	}
@@ -73,9 +60,7 @@ static void items_list(struct http_request *req)
 		const char *p[8] = {
 			req->auth.org_id, scan, status, type, acct, region, lim, cursor
 		};
-		struct http_op *op = http_op_new(req, sizeof(*op), item_json_read_advance);
-
-		(void)http_op_prepared(op, "item_list", 8, p);
+		http_op_read_json(req, "item_list", 8, p);
 	}
 }
 
@@ -141,9 +126,7 @@ static void item_change_advance(struct http_op *op, enum db_event ev, const PGre
 		details = json_pack("{s:s, s:s, s:s, s:s}", "scan_id", PQgetvalue(res, 0, 2),
 		                    "type", PQgetvalue(res, 0, 3), "resource_id",
 		                    PQgetvalue(res, 0, 4), "from_status", ic->from_status);
-		aev.details = details;
-		(void)scan_op_audit(op, &aev);
-		json_decref(details);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case ITEM_CHANGE_LOOKUP:
@@ -175,7 +158,7 @@ static void item_change(struct http_request *req, const char *stmt, const char *
 	const char *id = http_param(req, "id");
 	struct item_change *ic;
 
-	if (!scan_is_uuid(id)) {
+	if (!cs_uuid_valid(id)) {
 		http_error(req, 404, "not_found", "no such waste item");
 		return;
 	}
@@ -204,16 +187,14 @@ static void report_savings(struct http_request *req)
 	const char *scan = http_query_arg(req, "scan_id");
 	const struct pricing *pr = scan_prices();
 
-	if (scan != NULL && !scan_is_uuid(scan)) {
+	if (scan != NULL && !cs_uuid_valid(scan)) {
 		http_error(req, 400, "invalid_request", "scan_id is not a UUID");
 		return;
 	}
 	{
 		const char *p[4] = { req->auth.org_id, scan, pricing_source(pr),
 			             pricing_as_of(pr) };
-		struct http_op *op = http_op_new(req, sizeof(*op), item_json_read_advance);
-
-		(void)http_op_prepared(op, "report_savings", 4, p);
+		http_op_read_json(req, "report_savings", 4, p);
 	}
 }
 

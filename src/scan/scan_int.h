@@ -83,9 +83,6 @@ struct scan_setting {
 extern const struct scan_setting scan_settings[];
 extern const size_t scan_settings_count;
 
-/* The detector that implements check, or NULL. */
-const struct scan_detector *scan_detector_for(const char *check);
-
 /* Executor (exec.c): claim and run units on this worker. */
 int scan_exec_start(void) CS_WUR;
 /* Stop claiming; with release, hand running units back to the queue (best effort). */
@@ -129,12 +126,8 @@ void scan_cleanup_mark(struct http_request *req, const char *doc, const char *it
 	"audit_rfc3339(w.dismissed_at), 'outcome', w.outcome, 'aws_request_id', "             \
 	"w.aws_request_id, 'cleaned_at', audit_rfc3339(w.cleaned_at))"
 
-/* Whether s is a canonical UUID (any case). */
-bool scan_is_uuid(const char *s);
 /* Parse ?limit= (default 50, 1-500) into out; false has answered 400. */
 bool scan_query_limit(struct http_request *req, char out[16]);
-/* Append ev in op's transaction; -1 has answered already. */
-int scan_op_audit(struct http_op *op, const struct audit_event *ev);
 /* Fill ev with the request's context (org, actor, ip, user agent, request id). */
 void scan_audit_fill(struct audit_event *ev, struct http_request *req, const char *type,
                      const char *resource_id);

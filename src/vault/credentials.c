@@ -91,21 +91,12 @@ static size_t creds_utf8_len(const char *s)
 	return n;
 }
 
-/* Whether s has a C0 control character or DEL. */
-static bool creds_has_control(const char *s)
-{
-	for (; *s != '\0'; s++)
-		if ((unsigned char)*s < 0x20 || *s == 0x7f)
-			return true;
-	return false;
-}
-
 bool creds_name_valid(const char *name)
 {
 	size_t n = creds_utf8_len(name);
 
 	return n >= 1 && n <= CREDS_NAME_MAX && strpbrk(name, "<>\"'") == NULL &&
-	       !creds_has_control(name);
+	       !cs_has_control(name);
 }
 
 /* The shape of a region name: lower-case words and a number, e.g. "ap-southeast-2". */
@@ -352,8 +343,6 @@ static void creds_load_advance(struct creds_load *l, enum db_event ev, const PGr
 	case CL_READ: {
 		struct audit_event aev;
 		json_t *details;
-		char *hmac;
-
 		if (ev != DB_OK) {
 			creds_load_end(l, creds_db_status(ev));
 			return;
@@ -373,12 +362,10 @@ static void creds_load_advance(struct creds_load *l, enum db_event ev, const PGr
 		                    l->c->key_version);
 		if (details != NULL && l->ref_key[0] != '\0')
 			json_object_set_new(details, l->ref_key, json_string(l->ref));
-		if (details != NULL && l->c->access_key_id != NULL) {
-			hmac = audit_hmac(l->c->access_key_id);
-			if (hmac != NULL)
-				json_object_set_new(details, "access_key_id", json_string(hmac));
-			free(hmac);
-		}
+		/* As before: without the audit key the event goes out without it. */
+		if (details != NULL && l->c->access_key_id != NULL &&
+		    audit_details_set_hmac(details, "access_key_id", l->c->access_key_id) == -1)
+			log_debug("creds_load", "access_key_id left out of the audit details");
 		memset(&aev, 0, sizeof(aev));
 		aev.org_id = l->org;
 		aev.actor = l->actor[0] != '\0' ? l->actor : NULL;
@@ -423,23 +410,6 @@ static void creds_load_db_cb(void *arg, enum db_event ev, const PGresult *res)
 	creds_load_advance(l, ev, res);
 }
 
-static bool creds_uuid(const char *s)
-{
-	size_t i;
-
-	if (s == NULL || strlen(s) != 36)
-		return false;
-	for (i = 0; i < 36; i++) {
-		if (i == 8 || i == 13 || i == 18 || i == 23) {
-			if (s[i] != '-')
-				return false;
-		} else if (!isxdigit((unsigned char)s[i])) {
-			return false;
-		}
-	}
-	return true;
-}
-
 /* Split purpose into l->purpose / ref_key / ref; -1 when it is not one of the forms. */
 static int creds_purpose_parse(struct creds_load *l, const char *purpose)
 {
@@ -451,13 +421,13 @@ static int creds_purpose_parse(struct creds_load *l, const char *purpose)
 	}
 	if (strncmp(purpose, "scan:", 5) == 0)
 		purpose += 5;
-	if (creds_uuid(purpose)) {
+	if (cs_uuid_valid(purpose)) {
 		snprintf(l->purpose, sizeof(l->purpose), "scan");
 		snprintf(l->ref_key, sizeof(l->ref_key), "scan_id");
 		snprintf(l->ref, sizeof(l->ref), "%s", purpose);
 		return 0;
 	}
-	if (strncmp(purpose, "cleanup:", 8) == 0 && creds_uuid(purpose + 8)) {
+	if (strncmp(purpose, "cleanup:", 8) == 0 && cs_uuid_valid(purpose + 8)) {
 		snprintf(l->purpose, sizeof(l->purpose), "cleanup");
 		snprintf(l->ref_key, sizeof(l->ref_key), "waste_item_id");
 		snprintf(l->ref, sizeof(l->ref), "%s", purpose + 8);
@@ -472,8 +442,8 @@ struct creds_load *creds_load_as(struct db_pool *pool, const char *org_id,
 {
 	struct creds_load *l;
 
-	if (pool == NULL || cb == NULL || !creds_uuid(org_id) || !creds_uuid(aws_account_id) ||
-	    (actor != NULL && !creds_uuid(actor)))
+	if (pool == NULL || cb == NULL || !cs_uuid_valid(org_id) ||
+	    !cs_uuid_valid(aws_account_id) || (actor != NULL && !cs_uuid_valid(actor)))
 		return NULL;
 	l = xcalloc(1, sizeof(*l));
 	if (creds_purpose_parse(l, purpose) == -1) {
@@ -554,24 +524,6 @@ static const char *creds_str(struct http_request *req, json_t *body, const char 
 	return json_string_value(v);
 }
 
-/* The read of a ready JSON document in column 0 of one row; no row is 404. */
-static void creds_json_read_advance(struct http_op *op, enum db_event ev, const PGresult *res)
-{
-	const char *doc;
-
-	if (ev != DB_OK) {
-		http_op_db_fail(op, ev, res);
-		return;
-	}
-	http_set_cancel(op->req, NULL, NULL);
-	if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
-		http_error(op->req, 404, "not_found", "not found");
-		return;
-	}
-	doc = PQgetvalue(res, 0, 0);
-	http_respond(op->req, 200, "application/json", doc, strlen(doc));
-}
-
 static bool creds_limit_cursor(struct http_request *req, char lim[16], const char **cursor)
 {
 	const char *limit = http_query_arg(req, "limit");
@@ -588,7 +540,7 @@ static bool creds_limit_cursor(struct http_request *req, char lim[16], const cha
 	}
 	snprintf(lim, 16, "%ld", n);
 	*cursor = http_query_arg(req, "cursor");
-	if (*cursor != NULL && !creds_uuid(*cursor)) {
+	if (*cursor != NULL && !cs_uuid_valid(*cursor)) {
 		http_error(req, 400, "invalid_request", "cursor is not valid");
 		return false;
 	}
@@ -600,7 +552,7 @@ static const char *creds_path_id(struct http_request *req)
 {
 	const char *id = http_param(req, "id");
 
-	if (!creds_uuid(id)) {
+	if (!cs_uuid_valid(id)) {
 		http_error(req, 404, "not_found", "not found");
 		return NULL;
 	}
@@ -767,35 +719,15 @@ static void acct_create_advance(struct http_op *op, enum db_event ev, const PGre
 		                    ac->role_arn != NULL ? "role" : "access_key", "regions",
 		                    regions != NULL ? regions : json_array(), "key_version",
 		                    ac->key_version);
-		memset(&aev, 0, sizeof(aev));
-		aev.org_id = req->auth.org_id;
-		aev.actor = req->auth.user_id;
-		aev.ip = req->client_ip;
-		aev.user_agent = http_header(req, "User-Agent");
-		aev.request_id = req->request_id;
-		aev.event_type = "credential.created";
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "credential.created");
 		aev.resource_id = ac->id;
 		if (details != NULL && ac->key_id != NULL &&
 		    audit_details_set_hmac(details, "access_key_id", ac->key_id) == -1) {
 			json_decref(details);
 			details = NULL;
 		}
-		if (details == NULL) {
-			http_op_fail(op, 500, "internal", "the audit trail is not ready");
-			return;
-		}
-		aev.details = details;
-		{
-			struct db_query *dq = audit_write(op->tx, &aev, http_op_db_cb, op);
-
-			json_decref(details);
-			if (dq == NULL) {
-				http_op_fail(op, 500, "internal",
-				             "the audit trail refused the event");
-				return;
-			}
-			http_op_track(op, dq);
-		}
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case AC_AUDIT:
@@ -994,7 +926,7 @@ static void acct_create(struct http_request *req)
 			goto done;
 		}
 		if (ext == NULL || creds_utf8_len(ext) < CREDS_EXT_MIN ||
-		    creds_utf8_len(ext) > CREDS_EXT_MAX || creds_has_control(ext)) {
+		    creds_utf8_len(ext) > CREDS_EXT_MAX || cs_has_control(ext)) {
 			http_error(req, 400, "invalid_request",
 			           "external_id must be %d-%d characters", CREDS_EXT_MIN,
 			           CREDS_EXT_MAX);
@@ -1048,34 +980,36 @@ done:
 
 /* ---- GET /api/v1/aws-accounts, GET /api/v1/aws-accounts/{id} ---- */
 
-static void acct_list(struct http_request *req)
+/* A page of the organization's rows from stmt ($1 org, $2 limit, $3 cursor). */
+static void creds_list(struct http_request *req, const char *stmt)
 {
 	char lim[16];
 	const char *cursor;
 	const char *p[3];
-	struct http_op *op;
 
 	if (!creds_limit_cursor(req, lim, &cursor))
 		return;
 	p[0] = req->auth.org_id;
 	p[1] = lim;
 	p[2] = cursor;
-	op = http_op_new(req, sizeof(*op), creds_json_read_advance);
-	(void)http_op_prepared(op, "creds_account_list", 3, p);
+	http_op_read_json(req, stmt, 3, p);
+}
+
+static void acct_list(struct http_request *req)
+{
+	creds_list(req, "creds_account_list");
 }
 
 static void acct_get(struct http_request *req)
 {
 	const char *id = creds_path_id(req);
 	const char *p[2];
-	struct http_op *op;
 
 	if (id == NULL)
 		return;
 	p[0] = id;
 	p[1] = req->auth.org_id;
-	op = http_op_new(req, sizeof(*op), creds_json_read_advance);
-	(void)http_op_prepared(op, "creds_account_get", 2, p);
+	http_op_read_json(req, "creds_account_get", 2, p);
 }
 
 /* ---- DELETE /api/v1/aws-accounts/{id} ---- */
@@ -1117,30 +1051,17 @@ static void acct_delete_advance(struct http_op *op, enum db_event ev, const PGre
 	case AD_UPDATE: {
 		struct audit_event aev;
 		json_t *details;
-		struct db_query *dq;
 
 		if (PQntuples(res) != 1) {
 			http_op_fail(op, 404, "not_found", "not found");
 			return;
 		}
 		details = json_pack("{s:s}", "account_id", PQgetvalue(res, 0, 0));
-		memset(&aev, 0, sizeof(aev));
-		aev.org_id = req->auth.org_id;
-		aev.actor = req->auth.user_id;
-		aev.ip = req->client_ip;
-		aev.user_agent = http_header(req, "User-Agent");
-		aev.request_id = req->request_id;
-		aev.event_type = "credential.deleted";
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "credential.deleted");
 		aev.resource_id = ad->id;
-		aev.details = details;
 		op->state = AD_AUDIT;
-		dq = details != NULL ? audit_write(op->tx, &aev, http_op_db_cb, op) : NULL;
-		json_decref(details);
-		if (dq == NULL) {
-			http_op_fail(op, 500, "internal", "the audit trail refused the event");
-			return;
-		}
-		http_op_track(op, dq);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case AD_AUDIT:
@@ -1274,29 +1195,16 @@ static void prov_create_advance(struct http_op *op, enum db_event ev, const PGre
 	case PC_INSERT: {
 		struct audit_event aev;
 		json_t *details;
-		struct db_query *dq;
 
 		pc->doc = http_strndup(req, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0));
 		details = json_pack("{s:s, s:s, s:i}", "kind", "provider", "provider", pc->provider,
 		                    "key_version", pc->key_version);
-		memset(&aev, 0, sizeof(aev));
-		aev.org_id = req->auth.org_id;
-		aev.actor = req->auth.user_id;
-		aev.ip = req->client_ip;
-		aev.user_agent = http_header(req, "User-Agent");
-		aev.request_id = req->request_id;
-		aev.event_type = "credential.created";
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "credential.created");
 		aev.resource_type = "provider_credential";
 		aev.resource_id = pc->id;
-		aev.details = details;
 		op->state = PC_AUDIT;
-		dq = details != NULL ? audit_write(op->tx, &aev, http_op_db_cb, op) : NULL;
-		json_decref(details);
-		if (dq == NULL) {
-			http_op_fail(op, 500, "internal", "the audit trail refused the event");
-			return;
-		}
-		http_op_track(op, dq);
+		(void)audit_op_write(op, &aev, details);
 		return;
 	}
 	case PC_AUDIT:
@@ -1364,18 +1272,7 @@ done:
 
 static void prov_list(struct http_request *req)
 {
-	char lim[16];
-	const char *cursor;
-	const char *p[3];
-	struct http_op *op;
-
-	if (!creds_limit_cursor(req, lim, &cursor))
-		return;
-	p[0] = req->auth.org_id;
-	p[1] = lim;
-	p[2] = cursor;
-	op = http_op_new(req, sizeof(*op), creds_json_read_advance);
-	(void)http_op_prepared(op, "creds_provider_list", 3, p);
+	creds_list(req, "creds_provider_list");
 }
 
 /* ---- registration ---- */

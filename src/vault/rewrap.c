@@ -324,12 +324,6 @@ void creds_rewrap_kick(void)
 		rewrap_arm(true);
 }
 
-void creds_rewrap_stats(long long *batches, long long *rewrapped)
-{
-	*batches = rw.batches;
-	*rewrapped = rw.rewrapped;
-}
-
 void creds_rewrap_start(struct event_base *base, const struct config *cfg, struct db_pool *pool)
 {
 	memset(&rw, 0, sizeof(rw));
@@ -458,7 +452,6 @@ static void keys_rotate_advance(struct http_op *op, enum db_event ev, const PGre
 	case KR_BEGIN: {
 		struct audit_event aev;
 		json_t *details;
-		struct db_query *dq;
 
 		kr->old_version =
 		    vault_ring() != NULL ? vault_keyring_current_version(vault_ring()) : 0;
@@ -471,28 +464,16 @@ static void keys_rotate_advance(struct http_op *op, enum db_event ev, const PGre
 		}
 		details = json_pack("{s:i, s:i}", "old_version", kr->old_version, "new_version",
 		                    kr->new_version);
-		memset(&aev, 0, sizeof(aev));
-		aev.org_id = req->auth.org_id;
-		aev.actor = req->auth.user_id;
-		aev.ip = req->client_ip;
-		aev.user_agent = http_header(req, "User-Agent");
-		aev.request_id = req->request_id;
-		aev.event_type = "key.rotated";
+		audit_event_from_request(&aev, req, req->auth.org_id, req->auth.user_id,
+		                         "key.rotated");
 		op->state = KR_AUDIT;
 		{
 			char rid[16];
 
 			snprintf(rid, sizeof(rid), "%d", kr->new_version);
 			aev.resource_id = rid;
-			aev.details = details;
-			dq = details != NULL ? audit_write(op->tx, &aev, http_op_db_cb, op) : NULL;
+			(void)audit_op_write(op, &aev, details);
 		}
-		json_decref(details);
-		if (dq == NULL) {
-			http_op_fail(op, 500, "internal", "the audit trail refused the event");
-			return;
-		}
-		http_op_track(op, dq);
 		return;
 	}
 	case KR_AUDIT: {
