@@ -243,8 +243,7 @@ def test_each_detector_finds_exactly_the_seeded_waste(srv, pg, org, fake_aws):
     assert scan["progress"]["api_calls"] >= len(vols) + len(cw)
     # The disabled AMI was looked for.
     imgs = [c for c in calls if c.get("action") == "DescribeImages"]
-    assert imgs and all(c.get("params", {}).get("IncludeDisabled") == "true" for c in imgs
-                        if "params" in c), imgs[:1]
+    assert imgs and all(c["params"].get("IncludeDisabled") == "true" for c in imgs), imgs[:1]
 
 
 def test_throttled_check_makes_the_scan_partial(srv, pg, org, fake_aws):

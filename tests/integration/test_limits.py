@@ -38,13 +38,12 @@ def test_anonymous_limit_holds_across_workers(server_factory, pg, workers):
     assert int(r.header("Retry-After")) >= 1
     assert s.get("/health").status == 200, "operational endpoints are not rate limited"
     # Each worker writes a subject's first refusal at once and folds the others
-    # into one event per period: every 429 is accounted for, in few rows.
+    # into one event per period: every 429 is accounted for (the exact fold is checked
+    # in test_folded_refusals_are_written_when_the_worker_stops).
     refused = ("SELECT coalesce(sum((details->>'refusals')::int), 0), count(*) FROM "
                f"audit_events WHERE event_type = 'access.rate_limited' AND occurred_at >= '{t0}'")
     wait_until(lambda: pg.psql(refused, db=pg.dbname).split("|")[0] == "8", 15,
                what="every refusal accounted for")
-    total, rows = pg.psql(refused, db=pg.dbname).split("|")
-    assert int(rows) <= 8, (total, rows)
 
 
 def test_folded_refusals_are_written_when_the_worker_stops(server_factory, pg):
