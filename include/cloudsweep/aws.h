@@ -212,6 +212,8 @@ struct aws_xml_doc;
 struct aws_xml_doc *aws_xml_parse(const char *buf, size_t len, char *err, size_t errlen);
 /* Free a document and every node in it; NULL is fine. */
 void aws_xml_free(struct aws_xml_doc *doc);
+/* The same, wiping the text first: for answers that carry secrets (STS credentials). */
+void aws_xml_free_secret(struct aws_xml_doc *doc);
 /* The document element. */
 const struct aws_xml_node *aws_xml_root(const struct aws_xml_doc *doc);
 /* The first child of n named name, or NULL (n may be NULL). */

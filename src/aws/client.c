@@ -595,6 +595,7 @@ static void aws_http_cb(const struct http_client_result *res, void *arg)
 	const struct aws_xml_node *root = NULL;
 	char code[AWS_CODE_MAX] = "", msg[AWS_MSG_MAX] = "", err[256];
 	bool query = aws_services[call->service].version != NULL;
+	bool secret = call->service == AWS_STS; /* its answers hold temporary credentials */
 
 	call->http = NULL;
 	cl->in_flight--;
@@ -664,7 +665,11 @@ static void aws_http_cb(const struct http_client_result *res, void *arg)
 		                "HTTP error", code, msg, retry, root, json);
 	}
 out:
-	aws_xml_free(doc);
+	/* call is gone by now; only secret answers are wiped, not every page. */
+	if (secret)
+		aws_xml_free_secret(doc);
+	else
+		aws_xml_free(doc);
 	json_decref(json);
 }
 

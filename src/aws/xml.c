@@ -264,11 +264,11 @@ fail:
 		XML_ParserFree(x.p);
 	cs_wipe(x.text, x.text_cap);
 	free(x.text);
-	aws_xml_free(x.doc);
+	aws_xml_free_secret(x.doc);
 	return NULL;
 }
 
-void aws_xml_free(struct aws_xml_doc *doc)
+static void xml_free(struct aws_xml_doc *doc, bool wipe)
 {
 	struct xml_chunk *c, *next;
 
@@ -276,10 +276,21 @@ void aws_xml_free(struct aws_xml_doc *doc)
 		return;
 	for (c = doc->chunks; c != NULL; c = next) {
 		next = c->next;
-		cs_wipe(c->data, c->used);
+		if (wipe)
+			cs_wipe(c->data, c->used);
 		free(c);
 	}
 	free(doc);
+}
+
+void aws_xml_free(struct aws_xml_doc *doc)
+{
+	xml_free(doc, false);
+}
+
+void aws_xml_free_secret(struct aws_xml_doc *doc)
+{
+	xml_free(doc, true);
 }
 
 const struct aws_xml_node *aws_xml_root(const struct aws_xml_doc *doc)
