@@ -125,7 +125,8 @@ struct db_conn {
 	struct db_qlist inflight;
 	int ninflight;
 	enum db_phase phase;
-	PGresult *res;    /* first result of the head query */
+	PGresult *res;    /* first result of the head query (or the error at its Sync) */
+	bool sync_error;  /* DB_PHASE_SYNC: an error arrived; libpq's NULL after it comes next */
 	struct db_tx *tx; /* pinning transaction (holds a reference) */
 	int nprepared;    /* registered statements sent on this connection */
 	int backoff_ms;   /* last backoff delay, 0 after a successful connect */
@@ -545,6 +546,7 @@ static void db_conn_close(struct db_conn *c, const char *reason)
 		c->res = NULL;
 	}
 	c->phase = DB_PHASE_RESULTS;
+	c->sync_error = false;
 	if (c->pg != NULL) {
 		PQfinish(c->pg);
 		c->pg = NULL;
@@ -758,10 +760,26 @@ static void db_conn_process(struct db_conn *c)
 			}
 			continue;
 		}
-		if (res == NULL)
-			break; /* the Sync has not arrived yet */
+		if (res == NULL) {
+			if (!c->sync_error)
+				break;         /* the Sync has not arrived yet */
+			c->sync_error = false; /* the end of that error's results */
+			continue;
+		}
 		if (PQresultStatus(res) != PGRES_PIPELINE_SYNC) {
-			PQclear(res);
+			/*
+			 * An error between a query's results and its Sync is its implicit
+			 * transaction failing to commit (a deferred constraint, say): the
+			 * query failed after all. libpq ends the error with a NULL of its own.
+			 */
+			c->sync_error = true;
+			if (PQresultStatus(res) == PGRES_FATAL_ERROR &&
+			    (c->res == NULL || PQresultStatus(c->res) != PGRES_FATAL_ERROR)) {
+				PQclear(c->res);
+				c->res = res;
+			} else {
+				PQclear(res);
+			}
 			continue;
 		}
 		PQclear(res);

@@ -269,6 +269,31 @@ static void test_params(struct db_pool *pool)
 	is_str(r.val, "3", "the table survived with its three rows");
 }
 
+/*
+ * A query whose implicit transaction fails at commit (a deferred constraint)
+ * reports the error, not the rows it returned before its Sync.
+ */
+static void test_commit_error(struct db_pool *pool)
+{
+	struct res r;
+
+	ok(run_query(pool, &r,
+	             "CREATE TABLE deferred (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)", 0,
+	             NULL) &&
+	       r.ev == DB_OK,
+	   "table with a deferred constraint");
+	ok(run_query(pool, &r, "INSERT INTO deferred VALUES (1), (1) RETURNING id", 0, NULL),
+	   "insert violating it answered");
+	is_int(r.ev, DB_ERROR, "deferred violation at commit: DB_ERROR");
+	is_str(r.sqlstate, "23505", "deferred violation: SQLSTATE 23505");
+	ok(run_query(pool, &r, "SELECT count(*) FROM deferred", 0, NULL) && r.ev == DB_OK &&
+	       strcmp(r.val, "0") == 0,
+	   "nothing committed");
+	ok(run_query(pool, &r, "INSERT INTO deferred VALUES (2) RETURNING id", 0, NULL) &&
+	       r.ev == DB_OK && strcmp(r.val, "2") == 0,
+	   "the connection carries on");
+}
+
 static void test_prepared(struct db_pool *pool)
 {
 	const char *p[1];
@@ -874,6 +899,7 @@ int main(void)
 
 	test_basic(pool);
 	test_params(pool);
+	test_commit_error(pool);
 	test_prepared(pool);
 	test_pipeline(pool);
 	test_pipeline_error(p1);
