@@ -148,13 +148,14 @@ typedef void (*audit_write_cb)(void *arg, int status, const char *event_id);
 
 /*
  * Append ev in a transaction of its own, for events with no surrounding
- * action (rate limited, CSRF failure, login failure). BEGIN, the append and
- * COMMIT are pipelined. Returns a handle, or NULL without calling back
+ * action (rate limited, CSRF failure, login failure, a credential read):
+ * one statement, committed at its own Sync, so the org's chain head is
+ * locked only while it runs. Returns a handle, or NULL without calling back
  * when the event is refused or the pool is unavailable.
  */
 struct audit_write *audit_write_standalone(struct db_pool *pool, const struct audit_event *ev,
                                            audit_write_cb cb, void *arg);
-/* Forget a standalone write: no callback; rolled back unless COMMIT was already sent. */
+/* Forget a standalone write: no callback; the row may still commit if it was sent. */
 void audit_write_cancel(struct audit_write *w);
 
 struct audit_verify;

@@ -79,11 +79,11 @@ struct creds_load;
 /*
  * Decrypt AWS account aws_account_id of org_id for purpose, which is
  * "verify", a scan id (a UUID: purpose "scan"), "scan:<scan id>" or
- * "cleanup:<waste item id>". In one transaction: read the row, open its
- * secret (reloading the key ring first if the blob names a version this
- * worker has not loaded yet), append credential.read (actor "system",
- * details purpose, scan_id or waste_item_id, key_version) and COMMIT; the
- * plaintext is handed over only after COMMIT. Returns a handle, or NULL
+ * "cleanup:<waste item id>": read the row, open its secret (reloading the
+ * key ring first if the blob names a version this worker has not loaded
+ * yet), append credential.read (actor "system", details purpose, scan_id or
+ * waste_item_id, key_version) as a statement of its own; the plaintext is
+ * handed over only once that row has committed. Returns a handle, or NULL
  * without a callback when the arguments are bad or the pool is unavailable.
  */
 struct creds_load *creds_load(struct db_pool *pool, const char *org_id, const char *aws_account_id,
@@ -92,7 +92,7 @@ struct creds_load *creds_load(struct db_pool *pool, const char *org_id, const ch
 struct creds_load *creds_load_as(struct db_pool *pool, const char *org_id,
                                  const char *aws_account_id, const char *purpose, const char *actor,
                                  creds_load_cb cb, void *arg);
-/* Forget a load: no callback; the transaction is rolled back unless COMMIT was sent. */
+/* Forget a load: no callback; a credential.read already sent may still commit. */
 void creds_load_cancel(struct creds_load *l);
 
 /* ---- validation (also used by the tests) ---- */

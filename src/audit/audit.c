@@ -720,61 +720,41 @@ int audit_op_write(struct http_op *op, struct audit_event *ev, json_t *details)
 
 /* ---- standalone writes ---- */
 
-enum audit_write_state {
-	AUDIT_WRITE_APPENDING, /* BEGIN, append and COMMIT pipelined; the append's answer is next */
-	AUDIT_WRITE_COMMITTING, /* the append answered; COMMIT's answer is next */
-	AUDIT_WRITE_DONE,       /* the caller has been told */
-};
-
+/*
+ * One statement is one implicit transaction: the append commits at its own
+ * Sync (the pool reports a failed commit as DB_ERROR), and the chain head
+ * stays locked only while the statement runs, never across a round trip.
+ */
 struct audit_write {
-	enum audit_write_state state;
-	struct db_tx *tx; /* owned until COMMIT answers, then the pool frees it */
+	struct db_query *q; /* the append, until it answers */
 	audit_write_cb cb;
 	void *arg;
-	bool appended;       /* the append returned its row */
 	bool in_cb;          /* the caller's callback is running */
 	char event_type[64]; /* for logs */
-	char event_id[37];
 };
-
-static void audit_write_advance(struct audit_write *w, enum db_event ev, const PGresult *res)
-{
-	const char *state;
-	int status;
-
-	switch (w->state) {
-	case AUDIT_WRITE_APPENDING:
-		if (ev == DB_OK && PQntuples(res) == 1) {
-			snprintf(w->event_id, sizeof(w->event_id), "%s", PQgetvalue(res, 0, 0));
-			w->appended = true;
-		} else {
-			state = ev == DB_ERROR ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-			log_warnx("audit_write_failed", "event %s: append failed (%s)",
-			          w->event_type,
-			          state != NULL      ? state
-			          : ev == DB_TIMEOUT ? "timeout"
-			                             : "unavailable");
-		}
-		w->state = AUDIT_WRITE_COMMITTING;
-		break;
-	case AUDIT_WRITE_COMMITTING:
-		status = ev == DB_OK && w->appended ? 0 : -1;
-		if (status == -1 && w->appended)
-			log_warnx("audit_write_failed", "event %s: commit failed", w->event_type);
-		w->tx = NULL; /* freed by the pool once this callback returns */
-		w->state = AUDIT_WRITE_DONE;
-		w->in_cb = true;
-		w->cb(w->arg, status, status == 0 ? w->event_id : NULL);
-		free(w);
-		break;
-	case AUDIT_WRITE_DONE:
-		break;
-	}
-}
 
 static void audit_write_cb_db(void *arg, enum db_event ev, const PGresult *res)
 {
-	audit_write_advance(arg, ev, res);
+	struct audit_write *w = arg;
+	const char *state;
+	char id[37] = "";
+	int status = -1;
+
+	w->q = NULL;
+	if (ev == DB_OK && PQntuples(res) == 1) {
+		snprintf(id, sizeof(id), "%s", PQgetvalue(res, 0, 0));
+		status = 0;
+	} else {
+		state = ev == DB_ERROR ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+		log_warnx("audit_write_failed", "event %s: append failed (%s)", w->event_type,
+		          state != NULL      ? state
+		          : ev == DB_TIMEOUT ? "timeout"
+		          : ev == DB_OK      ? "no row"
+		                             : "unavailable");
+	}
+	w->in_cb = true;
+	w->cb(w->arg, status, status == 0 ? id : NULL);
+	free(w);
 }
 
 /* Append ev in a transaction of its own. */
@@ -789,19 +769,15 @@ struct audit_write *audit_write_standalone(struct db_pool *pool, const struct au
 	w = xcalloc(1, sizeof(*w));
 	w->cb = cb;
 	w->arg = arg;
-	w->state = AUDIT_WRITE_APPENDING;
 	snprintf(w->event_type, sizeof(w->event_type), "%s", p.v[5]);
-	w->tx = db_tx_begin(pool, NULL, NULL);
-	if (w->tx == NULL || db_tx_query(w->tx, audit_sql_append, AUDIT_NPARAMS,
-	                                 (const char *const *)p.v, audit_write_cb_db, w) == NULL) {
+	w->q = db_query(pool, audit_sql_append, AUDIT_NPARAMS, (const char *const *)p.v,
+	                audit_write_cb_db, w);
+	audit_params_free(&p);
+	if (w->q == NULL) {
 		log_warnx("audit_write_failed", "event %s: database unavailable", w->event_type);
-		db_tx_rollback(w->tx);
-		audit_params_free(&p);
 		free(w);
 		return NULL;
 	}
-	audit_params_free(&p);
-	db_tx_commit(w->tx, audit_write_cb_db, w);
 	return w;
 }
 
@@ -810,7 +786,7 @@ void audit_write_cancel(struct audit_write *w)
 {
 	if (w == NULL || w->in_cb)
 		return;
-	db_tx_rollback(w->tx);
+	db_query_cancel(w->q);
 	free(w);
 }
 

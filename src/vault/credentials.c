@@ -206,19 +206,22 @@ void creds_free(struct creds *c)
 
 /* ---- creds_load ---- */
 
+/*
+ * No transaction: the read has nothing to roll back, and credential.read is
+ * one statement of its own, so the org's chain head is never held across a
+ * round trip (a scan reads a credential per unit, all on one org's chain).
+ * The plaintext still goes to the caller only once that row has committed.
+ */
 enum creds_load_state {
-	CL_BEGIN,  /* BEGIN sent */
-	CL_READ,   /* the row is being read */
-	CL_AUDIT,  /* credential.read being appended */
-	CL_COMMIT, /* COMMIT sent; cannot be called back off */
+	CL_READ,  /* the row is being read */
+	CL_AUDIT, /* credential.read being appended */
 };
 
 struct creds_load {
-	struct db_pool *pool; /* borrowed */
-	struct db_tx *tx;     /* open transaction, or NULL */
-	struct db_query *q;   /* pending query, or NULL */
+	struct db_pool *pool;      /* borrowed */
+	struct db_query *q;        /* CL_READ: the read, until it answers */
+	struct audit_write *audit; /* CL_AUDIT: the append, until it answers */
 	enum creds_load_state state;
-	bool cancelled; /* the owner left while COMMIT ran; free on its answer */
 	char org[37], id[37], actor[37];
 	char purpose[8];  /* "scan", "verify", "cleanup" */
 	char ref_key[16]; /* "scan_id", "waste_item_id" or "" */
@@ -232,10 +235,8 @@ static void creds_load_end(struct creds_load *l, enum creds_status st)
 {
 	struct creds *c = st == CREDS_OK ? l->c : NULL;
 
-	if (l->q != NULL)
-		db_query_cancel(l->q);
-	if (l->tx != NULL)
-		db_tx_rollback(l->tx);
+	db_query_cancel(l->q);
+	audit_write_cancel(l->audit);
 	if (st != CREDS_OK)
 		creds_free(l->c);
 	l->c = NULL;
@@ -316,98 +317,54 @@ static int creds_load_decrypt(struct creds_load *l, const PGresult *res)
 	return 0;
 }
 
-static void creds_load_db_cb(void *arg, enum db_event ev, const PGresult *res);
-
-static void creds_load_advance(struct creds_load *l, enum db_event ev, const PGresult *res)
-{
-	switch (l->state) {
-	case CL_BEGIN: {
-		const char *p[2] = { l->id, l->org };
-
-		if (ev != DB_OK) {
-			l->tx = NULL; /* the pool freed it */
-			creds_load_end(l, creds_db_status(ev));
-			return;
-		}
-		l->state = CL_READ;
-		l->q = db_tx_query(
-		    l->tx,
-		    "SELECT kind, account_id, role_arn, external_id_enc, access_key_id, "
-		    "secret_access_key_enc, to_json(regions)::text FROM aws_accounts "
-		    "WHERE id = $1::uuid AND org_id = $2::uuid AND deleted_at IS NULL",
-		    2, p, creds_load_db_cb, l);
-		if (l->q == NULL)
-			creds_load_end(l, CREDS_UNAVAILABLE);
-		return;
-	}
-	case CL_READ: {
-		struct audit_event aev;
-		json_t *details;
-		if (ev != DB_OK) {
-			creds_load_end(l, creds_db_status(ev));
-			return;
-		}
-		if (PQntuples(res) != 1) {
-			creds_load_end(l, CREDS_NOT_FOUND);
-			return;
-		}
-		if (creds_load_decrypt(l, res) == -1) {
-			log_warnx("creds_open_failed",
-			          "the secret of AWS account %s (org %s) does not open", l->id,
-			          l->org);
-			creds_load_end(l, CREDS_ERROR);
-			return;
-		}
-		details = json_pack("{s:s, s:i}", "purpose", l->purpose, "key_version",
-		                    l->c->key_version);
-		if (details != NULL && l->ref_key[0] != '\0')
-			json_object_set_new(details, l->ref_key, json_string(l->ref));
-		/* As before: without the audit key the event goes out without it. */
-		if (details != NULL && l->c->access_key_id != NULL &&
-		    audit_details_set_hmac(details, "access_key_id", l->c->access_key_id) == -1)
-			log_debug("creds_load", "access_key_id left out of the audit details");
-		memset(&aev, 0, sizeof(aev));
-		aev.org_id = l->org;
-		aev.actor = l->actor[0] != '\0' ? l->actor : NULL;
-		aev.event_type = "credential.read";
-		aev.resource_id = l->id;
-		aev.details = details;
-		l->state = CL_AUDIT;
-		l->q = details != NULL ? audit_write(l->tx, &aev, creds_load_db_cb, l) : NULL;
-		json_decref(details);
-		if (l->q == NULL)
-			creds_load_end(l, CREDS_ERROR);
-		return;
-	}
-	case CL_AUDIT: {
-		struct db_tx *tx = l->tx;
-
-		if (ev != DB_OK) {
-			creds_load_end(l, creds_db_status(ev));
-			return;
-		}
-		l->state = CL_COMMIT;
-		l->tx = NULL;
-		db_tx_commit(tx, creds_load_db_cb, l);
-		return;
-	}
-	case CL_COMMIT:
-		if (l->cancelled) {
-			creds_free(l->c);
-			free(l);
-			return;
-		}
-		creds_load_end(l, ev == DB_OK ? CREDS_OK : creds_db_status(ev));
-		return;
-	}
-}
-
-static void creds_load_db_cb(void *arg, enum db_event ev, const PGresult *res)
+static void creds_load_audit_cb(void *arg, int status, const char *event_id)
 {
 	struct creds_load *l = arg;
 
+	l->audit = NULL;
+	creds_load_end(l, status == 0 ? CREDS_OK : CREDS_UNAVAILABLE);
+}
+
+static void creds_load_read_cb(void *arg, enum db_event ev, const PGresult *res)
+{
+	struct creds_load *l = arg;
+	struct audit_event aev;
+	json_t *details;
+
 	l->q = NULL;
-	creds_load_advance(l, ev, res);
+	if (ev != DB_OK) {
+		creds_load_end(l, creds_db_status(ev));
+		return;
+	}
+	if (PQntuples(res) != 1) {
+		creds_load_end(l, CREDS_NOT_FOUND);
+		return;
+	}
+	if (creds_load_decrypt(l, res) == -1) {
+		log_warnx("creds_open_failed",
+		          "the secret of AWS account %s (org %s) does not open", l->id, l->org);
+		creds_load_end(l, CREDS_ERROR);
+		return;
+	}
+	details = json_pack("{s:s, s:i}", "purpose", l->purpose, "key_version", l->c->key_version);
+	if (details != NULL && l->ref_key[0] != '\0')
+		json_object_set_new(details, l->ref_key, json_string(l->ref));
+	/* As before: without the audit key the event goes out without it. */
+	if (details != NULL && l->c->access_key_id != NULL &&
+	    audit_details_set_hmac(details, "access_key_id", l->c->access_key_id) == -1)
+		log_debug("creds_load", "access_key_id left out of the audit details");
+	memset(&aev, 0, sizeof(aev));
+	aev.org_id = l->org;
+	aev.actor = l->actor[0] != '\0' ? l->actor : NULL;
+	aev.event_type = "credential.read";
+	aev.resource_id = l->id;
+	aev.details = details;
+	l->state = CL_AUDIT;
+	l->audit =
+	    details != NULL ? audit_write_standalone(l->pool, &aev, creds_load_audit_cb, l) : NULL;
+	json_decref(details);
+	if (l->audit == NULL)
+		creds_load_end(l, CREDS_ERROR);
 }
 
 /* Split purpose into l->purpose / ref_key / ref; -1 when it is not one of the forms. */
@@ -457,9 +414,13 @@ struct creds_load *creds_load_as(struct db_pool *pool, const char *org_id,
 	snprintf(l->id, sizeof(l->id), "%s", aws_account_id);
 	if (actor != NULL)
 		snprintf(l->actor, sizeof(l->actor), "%s", actor);
-	l->state = CL_BEGIN;
-	l->tx = db_tx_begin(pool, creds_load_db_cb, l);
-	if (l->tx == NULL) {
+	l->state = CL_READ;
+	l->q = db_query(pool,
+	                "SELECT kind, account_id, role_arn, external_id_enc, access_key_id, "
+	                "secret_access_key_enc, to_json(regions)::text FROM aws_accounts "
+	                "WHERE id = $1::uuid AND org_id = $2::uuid AND deleted_at IS NULL",
+	                2, (const char *const[]){ l->id, l->org }, creds_load_read_cb, l);
+	if (l->q == NULL) {
 		free(l);
 		return NULL;
 	}
@@ -476,15 +437,10 @@ void creds_load_cancel(struct creds_load *l)
 {
 	if (l == NULL)
 		return;
-	if (l->state == CL_COMMIT) {
-		l->cancelled = true; /* the commit's answer frees it */
-		return;
-	}
-	if (l->q != NULL)
-		db_query_cancel(l->q);
-	if (l->tx != NULL)
-		db_tx_rollback(l->tx);
+	db_query_cancel(l->q);
+	audit_write_cancel(l->audit);
 	creds_free(l->c);
+	cs_wipe(l, sizeof(*l));
 	free(l);
 }
 

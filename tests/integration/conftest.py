@@ -82,6 +82,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def waste_item_sql(org, scan, acct, region, type_, resource_id, cost=0):
+    """SQL inserting one waste item as a scan would, under the unit of its account and
+    region (added, already finished, when the scan has none), returning the item's id."""
+    return (f"WITH u AS (INSERT INTO scan_units (scan_id, org_id, aws_account_id, region, "
+            f"status) VALUES ('{scan}', '{org}', '{acct}', '{region}', 'succeeded') "
+            f"ON CONFLICT (scan_id, aws_account_id, region) DO UPDATE SET region = "
+            f"EXCLUDED.region RETURNING id) INSERT INTO waste_items (org_id, scan_id, unit_id, "
+            f"aws_account_id, region, type, resource_id, estimated_monthly_cost_usd) SELECT "
+            f"'{org}', '{scan}', u.id, '{acct}', '{region}', '{type_}', '{resource_id}', {cost} "
+            f"FROM u RETURNING id")
+
+
 def wait_until(pred, timeout, interval=0.1, what="condition"):
     """Poll pred() until it returns a truthy value; returns it or raises AssertionError."""
     deadline = time.monotonic() + timeout

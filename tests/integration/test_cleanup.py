@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import Server
+from conftest import Server, waste_item_sql
 
 PASSWORD = "correct horse battery staple"
 ACCT = "111111111111"
@@ -117,10 +117,8 @@ class Org:
         return self.accounts[acct]
 
     def item(self, type_, resource_id, approve=True, acct=ACCT):
-        iid = sql(self.pg, f"INSERT INTO waste_items (org_id, scan_id, aws_account_id, region, "
-                           f"type, resource_id) VALUES ('{self.id}', '{self.scan}', "
-                           f"'{self.account(acct)}', '{REGION}', '{type_}', '{resource_id}') "
-                           f"RETURNING id").splitlines()[0]
+        iid = sql(self.pg, waste_item_sql(self.id, self.scan, self.account(acct), REGION, type_,
+                                          resource_id)).splitlines()[0]
         if approve:
             r = call(self.srv, "POST", f"/api/v1/waste-items/{iid}/approve", self.tok, {})
             assert r.status == 200, r

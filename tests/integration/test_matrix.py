@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from conftest import BINARY, ROOT, SECRET_OPTIONS, Server, wait_until
+from conftest import BINARY, ROOT, SECRET_OPTIONS, Server, wait_until, waste_item_sql
 
 PASSWORD = "correct horse battery staple"
 ROLES = ("viewer", "member", "admin", "owner")
@@ -144,10 +144,8 @@ def world(workdir, tls_files, pg, fake_aws):
     r = post("/api/v1/scans", {"aws_account_ids": [b_account]}, b_tok)
     assert r.status == 202, r
     b_scan = r.json()["id"]
-    b_item = pg.psql(
-        "INSERT INTO waste_items (org_id, scan_id, aws_account_id, region, type, resource_id) "
-        f"VALUES ('{b_claims['org']}', '{b_scan}', '{b_account}', 'us-east-1', "
-        "'ebs_unattached', 'vol-0matrix') RETURNING id", db=pg.dbname).split()[0]
+    b_item = pg.psql(waste_item_sql(b_claims["org"], b_scan, b_account, "us-east-1",
+                                    "ebs_unattached", "vol-0matrix"), db=pg.dbname).split()[0]
     other = {"aws-accounts": b_account, "scans": b_scan, "waste-items": b_item,
              "members": b_claims["sub"], "sessions": b_claims["sid"]}
 

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import Server, request_bytes, wait_until
+from conftest import Server, request_bytes, wait_until, waste_item_sql
 
 PASSWORD = "correct horse battery staple"
 
@@ -250,10 +250,8 @@ def seed_items(pg, org, sid, acct):
             ("eip_unassociated", "eipalloc-1", "eu-west-1", 3.65)]
     ids = []
     for typ, res, region, cost in rows:
-        ids.append(sql(pg, f"INSERT INTO waste_items (org_id, scan_id, aws_account_id, region, "
-                           f"type, resource_id, estimated_monthly_cost_usd) VALUES "
-                           f"('{org.org_id}', '{sid}', '{acct}', '{region}', '{typ}', '{res}', "
-                           f"{cost}) RETURNING id").splitlines()[0])
+        ids.append(sql(pg, waste_item_sql(org.org_id, sid, acct, region, typ, res,
+                                          cost)).splitlines()[0])
     return ids
 
 
