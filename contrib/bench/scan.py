@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ NREGIONS = int(os.environ.get("BENCH_REGIONS", "10"))
 RESOURCES = int(os.environ.get("BENCH_RESOURCES", "200"))
 LATENCY_MS = int(os.environ.get("BENCH_LATENCY_MS", "50"))
 FAKES = int(os.environ.get("BENCH_FAKES", "3"))
+FAKE = os.environ.get("BENCH_FAKE", str(TOP / "tests" / "fakes" / "fake_aws.py"))
 PASSWORD = "correct horse battery staple"
 REGIONS = ["us-east-1", "us-east-2", "us-west-1", "us-west-2", "eu-west-1", "eu-central-1",
            "ap-southeast-1", "ap-northeast-1", "eu-west-2", "ca-central-1"][:NREGIONS]
@@ -93,6 +95,41 @@ def vm_hwm_kib(pid):
     return 0
 
 
+def cpu_s(pid):
+    """(user, system) CPU seconds of one process ((0, 0) once it is gone)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    return int(f[11]) / hz, int(f[12]) / hz
+
+
+def cpu_sum(pids):
+    us = [cpu_s(p) for p in pids]
+    return sum(u for u, _ in us), sum(s for _, s in us)
+
+
+def children(ppid):
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == ppid:
+                    out.append(int(d.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return out
+
+
+def cpu_groups(fakes, pg, s):
+    """CPU seconds by group: the fakes, Postgres (postmaster and backends), the daemon."""
+    pm = int((pg.data / "postmaster.pid").read_text().split()[0])
+    return {"fakes": cpu_sum(p.pid for p in fakes),
+            "postgres": cpu_sum([pm] + children(pm)),
+            "cloudsweepd": cpu_sum([s.pid] + s.workers())}
+
+
 def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up through finally
     workdir = Path(tempfile.mkdtemp(prefix="cs-bench-scan-"))
@@ -131,7 +168,7 @@ def main():
     try:
         for i in range(FAKES):
             p = subprocess.Popen(
-                ["/usr/bin/python3", str(TOP / "tests" / "fakes" / "fake_aws.py"),
+                ["/usr/bin/python3", FAKE,
                  "--http-port", "0", "--https-port", str(port), "--cert", tls[0], "--key",
                  tls[1], "--seed", str(seed), "--faults", str(faults), "--reuse-port",
                  "--prerender"],
@@ -186,6 +223,7 @@ def main():
                  "secret_access_key": secret, "regions": REGIONS}).encode())
             assert r.status == 201, r
             ids.append(r.json()["id"])
+        cpu0 = cpu_groups(fakes, pg, s)
         t0 = time.monotonic()
         r = s.https("POST", "/api/v1/scans", headers=h, body=json.dumps(
             {"aws_account_ids": ids, "regions": REGIONS}).encode())
@@ -203,6 +241,7 @@ def main():
             if scan["status"] in ("succeeded", "partial", "failed"):
                 break
         wall = time.monotonic() - t0
+        cpu1 = cpu_groups(fakes, pg, s)
         pids = [s.pid] + s.workers()
         rss = {p: vm_hwm_kib(p) for p in pids}
         calls = scan["progress"]["api_calls"]
@@ -214,6 +253,9 @@ def main():
         print("peak RSS (VmHWM)     " + ", ".join(
             f"{'master' if p == s.pid else 'worker'} {kib / 1024:.1f} MiB"
             for p, kib in rss.items()))
+        print("CPU during the scan  " + ", ".join(
+            f"{k} {cpu1[k][0] + cpu1[k][1] - cpu0[k][0] - cpu0[k][1]:.1f} s "
+            f"({cpu1[k][1] - cpu0[k][1]:.1f} system)" for k in cpu1))
         errs = scan["errors"]
         codes = {}
         for e in errs:
@@ -230,6 +272,7 @@ def main():
             except subprocess.TimeoutExpired:
                 p.kill()
         pg.stop(mode="immediate")
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

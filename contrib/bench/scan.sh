@@ -11,6 +11,7 @@
 #        BENCH_UNITS (32: units a worker runs at once; 256 oversubscribes the
 #        2 cores and the database pool: slower, and credential loads time out)
 #        BENCH_IN_FLIGHT (256: the daemon's aws_max_in_flight per worker)
+#        BENCH_FAKE (tests/fakes/fake_aws.py: the fake to run)
 # Needs: Debian's python3 with python3-botocore, PostgreSQL server binaries.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
