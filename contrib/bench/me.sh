@@ -59,19 +59,34 @@ for _ in $(seq 100); do
 	sleep 0.2
 done
 
+# CPU seconds (user + system) of a process and its children.
+tree_cpu() {
+	local hz pids
+	hz=$(getconf CLK_TCK)
+	pids="$1 $(pgrep -P "$1" | tr '\n' ' ')"
+	for p in $pids; do cat "/proc/$p/stat" 2>/dev/null; done |
+		awk -v hz="$hz" '{ sub(/^.*\) /, ""); t += $12 + $13 } END { printf "%.1f", t / hz }'
+}
+pg_pid=$(head -1 "$var/pg/data/postmaster.pid")
+
 for c in 64 256; do
 	for target in "cloudsweepd https://127.0.0.1:18443/api/v1/me" \
 		"fastify https://127.0.0.1:18445/api/v1/me"; do
 		set -- $target
 		curl -skf -H "Authorization: Bearer $token" "$2" >/dev/null ||
 			{ echo "$1 does not answer GET /api/v1/me" >&2; exit 1; }
+		srv=$(cat "$tmp/$([ "$1" = cloudsweepd ] && echo cs || echo node).pid")
+		s0=$(tree_cpu "$srv") d0=$(tree_cpu "$pg_pid")
 		wrk -t2 -c"$c" -d"${secs}s" --latency -H "Authorization: Bearer $token" "$2" >"$tmp/$1.out"
+		s1=$(tree_cpu "$srv") d1=$(tree_cpu "$pg_pid")
 		[ -n "${BENCH_KEEP:-}" ] && cp "$tmp/$1.out" "$BENCH_KEEP.$1.$c"
 		rps=$(awk '/Requests\/sec/ {print $2}' "$tmp/$1.out")
 		p50=$(awk '/^ +50%/ {print $2}' "$tmp/$1.out")
 		p99=$(awk '/^ +99%/ {print $2}' "$tmp/$1.out")
 		errs=$(awk '/Non-2xx/ {print $NF}' "$tmp/$1.out")
-		printf '%-12s workers=%s conns=%-4s %10s req/s  p50 %-8s p99 %-8s non-2xx %s\n' \
-			"$1" "$workers" "$c" "$rps" "$p50" "$p99" "${errs:-0}"
+		printf '%-12s workers=%s conns=%-4s %10s req/s  p50 %-8s p99 %-8s non-2xx %s  CPU s: server %s, postgres %s\n' \
+			"$1" "$workers" "$c" "$rps" "$p50" "$p99" "${errs:-0}" \
+			"$(awk -v a="$s0" -v b="$s1" 'BEGIN { printf "%.1f", b - a }')" \
+			"$(awk -v a="$d0" -v b="$d1" 'BEGIN { printf "%.1f", b - a }')"
 	done
 done

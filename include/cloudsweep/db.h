@@ -4,11 +4,12 @@
  * Every connection is non-blocking libpq driven by the worker's event_base,
  * in pipeline mode so that several independent queries are in flight on one
  * connection (one Sync per query, so a failing query never poisons its
- * neighbours). Queries are parameterized only; frequently used statements
- * are registered once with db_pool_prepare() and prepared on every
- * connection as it comes up. A transaction pins one connection until it
- * commits or rolls back. A dedicated connection LISTENs for the channels
- * that have subscribers and fans NOTIFY payloads out to them.
+ * neighbours; reads registered with db_pool_prepare_read share a Sync per
+ * loop pass, and those a failing neighbour skipped are run again). Queries
+ * are parameterized only; frequently used statements are registered once
+ * with db_pool_prepare() and prepared on every connection as it comes up.
+ * A transaction pins one connection until it commits or rolls back. A dedicated connection LISTENs
+ * for the channels that have subscribers and fans NOTIFY payloads out to them.
  *
  * Connections that fail are re-opened with exponential backoff and jitter.
  * While no connection is up, new queries fail at once with DB_UNAVAILABLE
@@ -87,6 +88,14 @@ void db_pool_stats(const struct db_pool *pool, struct db_pool_stats *st);
  * ends. Invalid SQL is logged; executing it then fails with DB_ERROR.
  */
 int db_pool_prepare(struct db_pool *pool, const char *name, const char *sql, int nparams);
+/*
+ * Register a statement without side effects (a plain SELECT of tables, no
+ * volatile functions that write). Its executions outside transactions may
+ * share one Sync with the other reads sent in the same loop pass, so the
+ * server answers a burst of them as one implicit transaction; when one of
+ * them fails, those after it are run again, transparently.
+ */
+int db_pool_prepare_read(struct db_pool *pool, const char *name, const char *sql, int nparams);
 
 /*
  * Queue a parameterized query (text parameters; NULL entries are SQL NULL).

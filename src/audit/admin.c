@@ -177,7 +177,7 @@ void alerts_routes(struct router *r)
 	                "SELECT json_build_object('items', rl_blocks_json($1::int), "
 	                "'next_cursor', NULL)",
 	                1);
-	db_pool_prepare(
+	db_pool_prepare_read(
 	    db, "admin_alerts",
 	    "WITH page AS (SELECT * FROM security_alerts WHERE org_id IN ($1::uuid, "
 	    "'" AUDIT_NIL_ORG "'::uuid) AND ($2::text IS NULL OR severity = $2) "

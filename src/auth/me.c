@@ -128,39 +128,43 @@ void auth_me_routes(struct router *r)
 {
 	struct db_pool *db = cs_worker->db;
 
-	db_pool_prepare(db, "auth_me",
-	                "SELECT json_build_object('id', u.id, 'email', u.email, 'name', u.name, "
-	                "'mfa_enabled', u.mfa_enabled, 'github_login', u.github_login, "
-	                "'created_at', to_char(u.created_at AT TIME ZONE 'UTC', "
-	                "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
-	                "'org', json_build_object('id', o.id, 'name', o.name), 'role', m.role) "
-	                "FROM users u JOIN memberships m ON m.user_id = u.id AND m.org_id = $2 "
-	                "JOIN orgs o ON o.id = m.org_id WHERE u.id = $1 AND u.deleted_at IS NULL",
-	                2);
-	db_pool_prepare(db, "auth_me_sessions",
-	                "SELECT json_build_object('items', coalesce(json_agg(json_build_object("
-	                "'id', s.id, 'method', s.method, 'ip', s.ip, 'user_agent', s.user_agent, "
-	                "'created_at', s.created_at, 'last_used_at', s.last_used_at, "
-	                "'current', s.id = $2::uuid) ORDER BY s.created_at DESC), '[]'), "
-	                "'next_cursor', NULL) FROM sessions s WHERE s.user_id = $1 "
-	                "AND s.revoked_at IS NULL AND s.expires_at > now()",
-	                2);
-	db_pool_prepare(db, "auth_members",
-	                "SELECT json_build_object('items', coalesce(json_agg(json_build_object("
-	                "'user_id', u.id, 'email', u.email, 'name', u.name, 'role', m.role, "
-	                "'joined_at', m.created_at) ORDER BY m.created_at), '[]'), "
-	                "'next_cursor', NULL) FROM memberships m JOIN users u ON u.id = m.user_id "
-	                "WHERE m.org_id = $1 AND u.deleted_at IS NULL",
-	                1);
-	db_pool_prepare(db, "auth_invitations",
-	                "SELECT json_build_object('items', coalesce(json_agg(json_build_object("
-	                "'id', i.id, 'email', i.email, 'role', i.role, 'invited_by', i.invited_by, "
-	                "'created_at', i.created_at, 'expires_at', i.expires_at, "
-	                "'expired', i.expires_at <= now()) ORDER BY i.created_at DESC), '[]'), "
-	                "'next_cursor', NULL) FROM org_invitations i "
-	                "WHERE i.org_id = $1 AND i.accepted_at IS NULL",
-	                1);
-	db_pool_prepare(
+	db_pool_prepare_read(
+	    db, "auth_me",
+	    "SELECT json_build_object('id', u.id, 'email', u.email, 'name', u.name, "
+	    "'mfa_enabled', u.mfa_enabled, 'github_login', u.github_login, "
+	    "'created_at', to_char(u.created_at AT TIME ZONE 'UTC', "
+	    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+	    "'org', json_build_object('id', o.id, 'name', o.name), 'role', m.role) "
+	    "FROM users u JOIN memberships m ON m.user_id = u.id AND m.org_id = $2 "
+	    "JOIN orgs o ON o.id = m.org_id WHERE u.id = $1 AND u.deleted_at IS NULL",
+	    2);
+	db_pool_prepare_read(
+	    db, "auth_me_sessions",
+	    "SELECT json_build_object('items', coalesce(json_agg(json_build_object("
+	    "'id', s.id, 'method', s.method, 'ip', s.ip, 'user_agent', s.user_agent, "
+	    "'created_at', s.created_at, 'last_used_at', s.last_used_at, "
+	    "'current', s.id = $2::uuid) ORDER BY s.created_at DESC), '[]'), "
+	    "'next_cursor', NULL) FROM sessions s WHERE s.user_id = $1 "
+	    "AND s.revoked_at IS NULL AND s.expires_at > now()",
+	    2);
+	db_pool_prepare_read(
+	    db, "auth_members",
+	    "SELECT json_build_object('items', coalesce(json_agg(json_build_object("
+	    "'user_id', u.id, 'email', u.email, 'name', u.name, 'role', m.role, "
+	    "'joined_at', m.created_at) ORDER BY m.created_at), '[]'), "
+	    "'next_cursor', NULL) FROM memberships m JOIN users u ON u.id = m.user_id "
+	    "WHERE m.org_id = $1 AND u.deleted_at IS NULL",
+	    1);
+	db_pool_prepare_read(
+	    db, "auth_invitations",
+	    "SELECT json_build_object('items', coalesce(json_agg(json_build_object("
+	    "'id', i.id, 'email', i.email, 'role', i.role, 'invited_by', i.invited_by, "
+	    "'created_at', i.created_at, 'expires_at', i.expires_at, "
+	    "'expired', i.expires_at <= now()) ORDER BY i.created_at DESC), '[]'), "
+	    "'next_cursor', NULL) FROM org_invitations i "
+	    "WHERE i.org_id = $1 AND i.accepted_at IS NULL",
+	    1);
+	db_pool_prepare_read(
 	    db, "audit_list",
 	    "WITH page AS (SELECT * FROM audit_events WHERE org_id = $1 "
 	    "AND ($2::timestamptz IS NULL OR occurred_at >= $2::timestamptz) "

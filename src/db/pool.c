@@ -5,12 +5,17 @@
  * PQsendQueryPrepared plus its own PQpipelineSync, appended to the
  * connection's in-flight FIFO, and completed when its Sync comes back, so
  * results map to queries by order alone and an error aborts only its own
- * query. Queries that find no connection with room wait in the pool queue
- * and go to the least-loaded connection. A transaction pins the connection
- * its BEGIN went to until COMMIT or ROLLBACK completes. One more
- * connection, outside pipeline mode, LISTENs for the channels that have
- * subscribers. Connections that fail are reopened with exponential backoff
- * and jitter; whatever was in flight on them fails with DB_UNAVAILABLE.
+ * query. Executions of read-only statements (db_pool_prepare_read) are the
+ * exception: those sent in one pass of the event loop share one Sync, sent
+ * (and flushed) once the pass is over, so a burst of reads costs the server
+ * one implicit transaction, one read and one write instead of one each.
+ * Such a query completes at the end of its own results; when a neighbour
+ * fails, the server skips the rest of the segment (PIPELINE_ABORTED) and
+ * those queries, which never ran, are queued again. Queries that find no connection with room wait
+ * in the pool queue and go to the least-loaded connection. A transaction pins the connection its
+ * BEGIN went to until COMMIT or ROLLBACK completes. One more connection, outside pipeline mode,
+ * LISTENs for the channels that have subscribers. Connections that fail are reopened with
+ * exponential backoff and jitter; whatever was in flight on them fails with DB_UNAVAILABLE.
  * Callbacks may cancel queries, roll back, unsubscribe or free the pool
  * while the pool iterates: queries are unlinked before their callback runs,
  * cancelled in-flight queries stay in the FIFO (without a callback) until
@@ -95,6 +100,8 @@ struct db_query {
 	void *arg;
 	struct event *ev_timeout; /* deadline, or NULL */
 	enum db_event defer_ev;   /* what a deferred query reports */
+	bool batch;               /* read-only: may share a Sync with its neighbours */
+	bool synced;              /* in flight: a Sync follows it */
 	bool cancelled;           /* never invoke cb */
 	bool timed_out;           /* the deadline passed; report DB_TIMEOUT */
 	bool in_cb;               /* its callback is running */
@@ -127,6 +134,7 @@ struct db_conn {
 	enum db_phase phase;
 	PGresult *res;    /* first result of the head query (or the error at its Sync) */
 	bool sync_error;  /* DB_PHASE_SYNC: an error arrived; libpq's NULL after it comes next */
+	int unsynced;     /* batched queries sent since the last Sync (the FIFO's tail) */
 	struct db_tx *tx; /* pinning transaction (holds a reference) */
 	int nprepared;    /* registered statements sent on this connection */
 	int backoff_ms;   /* last backoff delay, 0 after a successful connect */
@@ -138,6 +146,7 @@ struct db_conn {
 struct db_stmt {
 	char *name;
 	char *sql;
+	bool read_only; /* executions may be batched under one Sync */
 };
 
 TAILQ_HEAD(db_sublist, db_subscription);
@@ -172,6 +181,7 @@ struct db_pool {
 	int nwaiting;
 	struct db_qlist deferred;
 	struct event *ev_deferred;
+	struct event *ev_sync; /* active while some connection has an open batch */
 	struct db_stmt *stmts;
 	int nstmts;
 	TAILQ_HEAD(, db_channel) channels;
@@ -547,6 +557,7 @@ static void db_conn_close(struct db_conn *c, const char *reason)
 	}
 	c->phase = DB_PHASE_RESULTS;
 	c->sync_error = false;
+	c->unsynced = 0;
 	if (c->pg != NULL) {
 		PQfinish(c->pg);
 		c->pg = NULL;
@@ -604,18 +615,60 @@ static void db_conn_send_prepares(struct db_conn *c)
 }
 
 /*
- * Send q on c with its own Sync and append it to the in-flight FIFO. A
- * failed send marks c FAILING: q still joins the FIFO and fails with the
- * rest when c is closed on the next loop pass.
+ * Close c's open batch: a Sync after the last query sent. Returns false when
+ * the send failed (c is FAILING then).
+ */
+static bool db_conn_sync(struct db_conn *c)
+{
+	if (c->unsynced == 0)
+		return true;
+	c->unsynced = 0;
+	TAILQ_LAST(&c->inflight, db_qlist)->synced = true;
+	if (c->state != DB_CONN_READY)
+		return false;
+	if (PQpipelineSync(c->pg) != 1) {
+		db_conn_fail(c, PQerrorMessage(c->pg));
+		return false;
+	}
+	return true;
+}
+
+/* End of a loop pass: close every open batch and send it. */
+static void db_pool_sync_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct db_pool *pool = arg;
+
+	db_pool_enter(pool);
+	for (int i = 0; i < pool->size; i++) {
+		struct db_conn *c = &pool->conns[i];
+
+		if (c->unsynced > 0 && db_conn_sync(c))
+			db_conn_flush(c);
+	}
+	db_pool_leave(pool);
+}
+
+/*
+ * Send q on c and append it to the in-flight FIFO: a batched query joins
+ * c's open batch (the Sync comes at the end of the loop pass); any other
+ * query gets its own Sync, which closes the batch too, so a plain query
+ * shares the batch's implicit transaction (read-only neighbours; if one
+ * fails, q is skipped and queued again). BEGIN, PREPARE and transaction
+ * queries never share: the batch is closed before them. A failed send marks
+ * c FAILING: q still joins the FIFO and fails with the rest when c is
+ * closed on the next loop pass.
  */
 static void db_conn_send(struct db_conn *c, struct db_query *q)
 {
 	const char *const *params = (const char *const *)q->params;
+	bool batch = q->batch && c->tx == NULL;
 	int r = 0;
 
 	/* Never inside a transaction: a Parse there could fail with it or abort it. */
 	if (q->kind != DB_Q_PREPARE && c->tx == NULL)
 		db_conn_send_prepares(c);
+	if (!batch && (q->kind == DB_Q_PREPARE || q->kind == DB_Q_BEGIN || q->tx != NULL))
+		db_conn_sync(c);
 	if (c->state == DB_CONN_READY) {
 		switch (q->kind) {
 		case DB_Q_PREPARE:
@@ -632,13 +685,14 @@ static void db_conn_send(struct db_conn *c, struct db_query *q)
 			                      0);
 			break;
 		}
-		if (r == 1)
+		if (r == 1 && !batch)
 			r = PQpipelineSync(c->pg);
 		if (r != 1)
 			db_conn_fail(c, PQerrorMessage(c->pg));
 	}
 	q->conn = c;
 	q->where = DB_QW_INFLIGHT;
+	q->synced = !batch;
 	TAILQ_INSERT_TAIL(&c->inflight, q, entry);
 	c->ninflight++;
 	if (q->kind == DB_Q_BEGIN && c->tx == NULL) {
@@ -646,6 +700,12 @@ static void db_conn_send(struct db_conn *c, struct db_query *q)
 		db_tx_ref(q->tx);
 		q->tx->conn = c;
 	}
+	if (batch) {
+		if (c->unsynced++ == 0)
+			event_active(c->pool->ev_sync, EV_TIMEOUT, 1);
+		return;
+	}
+	c->unsynced = 0;
 	db_conn_flush(c);
 }
 
@@ -710,6 +770,20 @@ static void db_conn_complete(struct db_conn *c)
 	c->ninflight--;
 	c->res = NULL;
 	c->phase = DB_PHASE_RESULTS;
+	if (res != NULL && PQresultStatus(res) == PGRES_PIPELINE_ABORTED && q->tx == NULL &&
+	    (q->kind == DB_Q_SQL || q->kind == DB_Q_PREPARED)) {
+		/* A batch neighbour failed and the server skipped q: it never ran. */
+		PQclear(res);
+		if (q->cancelled) {
+			db_query_done(q, DB_ERROR, NULL);
+			return;
+		}
+		q->conn = NULL;
+		q->where = DB_QW_WAITING;
+		TAILQ_INSERT_TAIL(&c->pool->waiting, q, entry);
+		c->pool->nwaiting++;
+		return;
+	}
 	if (res == NULL)
 		res = PQmakeEmptyPGresult(c->pg, PGRES_FATAL_ERROR);
 	switch (PQresultStatus(res)) {
@@ -727,6 +801,18 @@ static void db_conn_complete(struct db_conn *c)
 		db_conn_unpin(c);
 	db_query_done(q, ev, res);
 	PQclear(res);
+}
+
+/* A query completed on c: room for held transaction queries and the pool queue. */
+static void db_conn_after_complete(struct db_conn *c)
+{
+	struct db_pool *pool = c->pool;
+
+	if (c->state == DB_CONN_READY && !pool->dying) {
+		if (c->tx != NULL)
+			db_tx_pump(c->tx);
+		db_pool_dispatch(pool);
+	}
 }
 
 /* Consume every complete result on a query connection. */
@@ -748,7 +834,10 @@ static void db_conn_process(struct db_conn *c)
 			return;
 		}
 		if (c->phase == DB_PHASE_RESULTS) {
-			if (res == NULL) {
+			if (res == NULL && !TAILQ_FIRST(&c->inflight)->synced) {
+				db_conn_complete(c); /* a batched query: no Sync of its own */
+				db_conn_after_complete(c);
+			} else if (res == NULL) {
 				c->phase = DB_PHASE_SYNC;
 			} else if (PQresultStatus(res) == PGRES_PIPELINE_SYNC) {
 				PQclear(res);
@@ -784,11 +873,7 @@ static void db_conn_process(struct db_conn *c)
 		}
 		PQclear(res);
 		db_conn_complete(c);
-		if (c->state == DB_CONN_READY && !pool->dying) {
-			if (c->tx != NULL)
-				db_tx_pump(c->tx);
-			db_pool_dispatch(pool);
-		}
+		db_conn_after_complete(c);
 	}
 }
 
@@ -1070,6 +1155,7 @@ struct db_pool *db_pool_new(struct event_base *base, const char *conninfo, int s
 			fatalx("db_event_failed", "cannot set up query deadlines");
 	}
 	pool->ev_deferred = event_new(base, -1, 0, db_pool_deferred_cb, pool);
+	pool->ev_sync = event_new(base, -1, 0, db_pool_sync_cb, pool);
 	pool->conns = xcalloc((size_t)size + 1, sizeof(*pool->conns));
 	pool->listener = &pool->conns[size];
 	pool->listener->listener = true;
@@ -1086,7 +1172,7 @@ struct db_pool *db_pool_new(struct event_base *base, const char *conninfo, int s
 		if (c->ev_io == NULL || c->ev_write == NULL || c->ev_timer == NULL)
 			fatalx("db_event_failed", "cannot allocate connection events");
 	}
-	if (pool->ev_deferred == NULL)
+	if (pool->ev_deferred == NULL || pool->ev_sync == NULL)
 		fatalx("db_event_failed", "cannot allocate pool events");
 	db_pool_enter(pool);
 	for (int i = 0; i <= size; i++)
@@ -1126,6 +1212,7 @@ static void db_pool_destroy(struct db_pool *pool)
 	}
 	free(pool->stmts);
 	event_free(pool->ev_deferred);
+	event_free(pool->ev_sync);
 	free(pool->conns);
 	cs_free_secret(pool->conninfo);
 	free(pool);
@@ -1178,8 +1265,8 @@ void db_pool_stats(const struct db_pool *pool, struct db_pool_stats *st)
 	st->reconnects = pool->reconnects;
 }
 
-/* Register a statement that every connection prepares; -1 on a duplicate name. */
-int db_pool_prepare(struct db_pool *pool, const char *name, const char *sql, int nparams)
+static int db_pool_register(struct db_pool *pool, const char *name, const char *sql, int nparams,
+                            bool read_only)
 {
 	struct db_stmt *st;
 
@@ -1194,6 +1281,7 @@ int db_pool_prepare(struct db_pool *pool, const char *name, const char *sql, int
 	st = &pool->stmts[pool->nstmts++];
 	st->name = xstrdup(name);
 	st->sql = xstrdup(sql);
+	st->read_only = read_only;
 	/* Pinned connections catch up before their first query after the transaction. */
 	for (int i = 0; i < pool->size && !pool->dying; i++)
 		if (pool->conns[i].state == DB_CONN_READY && pool->conns[i].tx == NULL)
@@ -1201,6 +1289,18 @@ int db_pool_prepare(struct db_pool *pool, const char *name, const char *sql, int
 	return 0;
 fail:
 	return -1;
+}
+
+/* Register a statement that every connection prepares; -1 on a duplicate name. */
+int db_pool_prepare(struct db_pool *pool, const char *name, const char *sql, int nparams)
+{
+	return db_pool_register(pool, name, sql, nparams, false);
+}
+
+/* The same for a statement without side effects, whose executions may be batched. */
+int db_pool_prepare_read(struct db_pool *pool, const char *name, const char *sql, int nparams)
+{
+	return db_pool_register(pool, name, sql, nparams, true);
 }
 
 static bool db_nparams_ok(int nparams, const char *const *params)
@@ -1221,6 +1321,12 @@ static struct db_query *db_submit(struct db_pool *pool, enum db_qkind kind, cons
 	if (pool == NULL || !db_pool_ready(pool) || !db_nparams_ok(nparams, params))
 		return NULL;
 	q = db_query_new(pool, kind, text, nparams, params, cb, arg);
+	if (kind == DB_Q_PREPARED)
+		for (int i = 0; i < pool->nstmts; i++)
+			if (strcmp(pool->stmts[i].name, text) == 0) {
+				q->batch = pool->stmts[i].read_only;
+				break;
+			}
 	c = TAILQ_EMPTY(&pool->waiting) ? db_pool_pick(pool) : NULL;
 	if (c != NULL) {
 		db_conn_send(c, q);

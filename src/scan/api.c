@@ -485,7 +485,7 @@ void scan_api_routes(struct router *r)
 	    "SELECT s.id, $1::uuid, x.a, x.r FROM s, unnest($7::uuid[], $8::text[]) AS x(a, r) "
 	    "RETURNING 1) SELECT s.id, s.version, (SELECT count(*) FROM u) FROM s",
 	    9);
-	db_pool_prepare(
+	db_pool_prepare_read(
 	    db, "scan_list",
 	    "WITH page AS (SELECT * FROM scans s WHERE s.org_id = $1::uuid "
 	    "AND ($2::text IS NULL OR s.status = $2::text) AND ($4::uuid IS NULL OR "

@@ -208,7 +208,7 @@ void scan_items_routes(struct router *r)
 {
 	struct db_pool *db = scan_g.pool;
 
-	db_pool_prepare(
+	db_pool_prepare_read(
 	    db, "item_list",
 	    "WITH page AS (SELECT * FROM waste_items w WHERE w.org_id = $1::uuid "
 	    "AND ($2::uuid IS NULL OR w.scan_id = $2::uuid) AND ($3::text IS NULL OR w.status = "
@@ -242,10 +242,10 @@ void scan_items_routes(struct router *r)
 	    "WHERE w.id = old.id RETURNING " ITEM_JSON_SQL
 	    "::text, old.status, w.scan_id, w.type, w.resource_id, w.region, w.aws_account_id",
 	    3);
-	db_pool_prepare(db, "item_status",
-	                "SELECT status FROM waste_items WHERE id = $1::uuid AND org_id = $2::uuid",
-	                2);
-	db_pool_prepare(
+	db_pool_prepare_read(
+	    db, "item_status",
+	    "SELECT status FROM waste_items WHERE id = $1::uuid AND org_id = $2::uuid", 2);
+	db_pool_prepare_read(
 	    db, "report_savings",
 	    "WITH latest AS (SELECT DISTINCT ON (aws_account_id, region, type, resource_id) * "
 	    "FROM waste_items WHERE org_id = $1::uuid AND ($2::uuid IS NULL OR scan_id = $2::uuid) "

@@ -331,14 +331,14 @@ void scan_longpoll_get(struct http_request *req, const char *scan_id, int wait_s
 
 int scan_longpoll_start(void)
 {
-	if (db_pool_prepare(scan_g.pool, "scan_get",
-	                    "SELECT s.version, " SCAN_JSON_SQL "::text FROM scans s "
-	                    "WHERE s.id = $1::uuid AND s.org_id = $2::uuid",
-	                    2) == -1 ||
-	    db_pool_prepare(scan_g.pool, "scan_get_any",
-	                    "SELECT s.version, " SCAN_JSON_SQL "::text FROM scans s "
-	                    "WHERE s.id = $1::uuid",
-	                    1) == -1)
+	if (db_pool_prepare_read(scan_g.pool, "scan_get",
+	                         "SELECT s.version, " SCAN_JSON_SQL "::text FROM scans s "
+	                         "WHERE s.id = $1::uuid AND s.org_id = $2::uuid",
+	                         2) == -1 ||
+	    db_pool_prepare_read(scan_g.pool, "scan_get_any",
+	                         "SELECT s.version, " SCAN_JSON_SQL "::text FROM scans s "
+	                         "WHERE s.id = $1::uuid",
+	                         1) == -1)
 		return -1;
 	lp.sub = db_subscribe(scan_g.pool, "cs_scan", scan_longpoll_notify_cb, NULL);
 	return lp.sub != NULL ? 0 : -1;

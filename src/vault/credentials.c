@@ -1272,15 +1272,17 @@ int creds_worker_init(struct event_base *base, const struct config *cfg, struct 
 		log_warnx("creds_init", "%s", err);
 		return -1;
 	}
-	db_pool_prepare(pool, "creds_account_get",
-	                "SELECT " CREDS_ACCOUNT_JSON " FROM aws_accounts a WHERE a.id = $1::uuid "
-	                "AND a.org_id = $2::uuid AND a.deleted_at IS NULL",
-	                2);
-	db_pool_prepare(
+	db_pool_prepare_read(pool, "creds_account_get",
+	                     "SELECT " CREDS_ACCOUNT_JSON
+	                     " FROM aws_accounts a WHERE a.id = $1::uuid "
+	                     "AND a.org_id = $2::uuid AND a.deleted_at IS NULL",
+	                     2);
+	db_pool_prepare_read(
 	    pool, "creds_account_list",
 	    CREDS_LIST_SQL("aws_accounts", "a", CREDS_ACCOUNT_JSON, "AND a.deleted_at IS NULL"), 3);
-	db_pool_prepare(pool, "creds_provider_list",
-	                CREDS_LIST_SQL("provider_credentials", "p", CREDS_PROVIDER_JSON, ""), 3);
+	db_pool_prepare_read(pool, "creds_provider_list",
+	                     CREDS_LIST_SQL("provider_credentials", "p", CREDS_PROVIDER_JSON, ""),
+	                     3);
 	creds_rewrap_start(base, cfg, pool);
 	return 0;
 }

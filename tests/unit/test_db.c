@@ -318,6 +318,104 @@ static void test_prepared(struct db_pool *pool)
 	is_str(r.sqlstate, "26000", "unknown statement: SQLSTATE 26000");
 }
 
+/*
+ * Reads registered with db_pool_prepare_read share one Sync per loop pass
+ * (one implicit transaction: the same transaction_timestamp()); a failing
+ * one fails alone, the ones the server skipped after it run again, and
+ * plain queries, transactions and cancellations mix with them safely.
+ */
+static void test_batch(struct db_pool *pool)
+{
+	static const char *const divs[] = { "1", "0", "2", "5" };
+	static const char *const want[] = { "10", "", "5", "2" };
+	struct res r[6], w;
+	const char *p[2];
+	struct db_tx *tx;
+	bool same = true, ordered = true;
+
+	is_int(db_pool_prepare_read(pool, "rd_ts", "SELECT transaction_timestamp()::text", 0), 0,
+	       "read-only statement registered");
+	is_int(db_pool_prepare_read(pool, "rd_div", "SELECT 10 / $1::int", 1), 0,
+	       "second read-only statement registered");
+	run_ms(50);
+
+	memset(r, 0, sizeof(r));
+	for (int i = 0; i < 5; i++)
+		db_query_prepared(pool, "rd_ts", 0, NULL, res_cb, &r[i]);
+	for (int i = 0; i < 5; i++)
+		if (!wait_int(&r[i].calls, 1, 3000) || r[i].ev != DB_OK)
+			same = false;
+	for (int i = 1; i < 5; i++) {
+		same = same && strcmp(r[i].val, r[0].val) == 0;
+		ordered = ordered && r[i].order > r[i - 1].order;
+	}
+	ok(same, "five reads of one pass share one transaction (one Sync)");
+	ok(ordered, "batched reads answer in order");
+
+	memset(r, 0, sizeof(r));
+	for (int i = 0; i < 4; i++) {
+		p[0] = divs[i];
+		db_query_prepared(pool, "rd_div", 1, p, res_cb, &r[i]);
+	}
+	for (int i = 0; i < 4; i++)
+		wait_int(&r[i].calls, 1, 3000);
+	ok(r[0].ev == DB_OK && strcmp(r[0].val, want[0]) == 0, "read before the failing one: ok");
+	ok(r[1].ev == DB_ERROR && strcmp(r[1].sqlstate, "22012") == 0 && r[1].calls == 1,
+	   "the failing read fails alone (22012)");
+	ok(r[2].ev == DB_OK && strcmp(r[2].val, want[2]) == 0 && r[2].calls == 1 &&
+	       r[3].ev == DB_OK && strcmp(r[3].val, want[3]) == 0 && r[3].calls == 1,
+	   "the reads skipped after it run again and answer once");
+
+	/* A plain write closing a batch whose read fails: skipped, run again, applied once. */
+	memset(r, 0, sizeof(r));
+	memset(&w, 0, sizeof(w));
+	p[0] = "0";
+	db_query_prepared(pool, "rd_div", 1, p, res_cb, &r[0]);
+	p[0] = "900";
+	p[1] = "batched write";
+	db_query(pool, "INSERT INTO items (id, v) VALUES ($1, $2) RETURNING v", 2, p, res_cb, &w);
+	ok(wait_int(&w.calls, 1, 3000) && w.ev == DB_OK && strcmp(w.val, "batched write") == 0 &&
+	       r[0].ev == DB_ERROR,
+	   "a write after a failing read in its batch: ok");
+	ok(run_query(pool, &r[1], "SELECT count(*) FROM items WHERE id = 900", 0, NULL) &&
+	       strcmp(r[1].val, "1") == 0,
+	   "the write applied exactly once");
+
+	/* Reads, then a transaction on the same connection in the same pass. */
+	memset(r, 0, sizeof(r));
+	memset(&w, 0, sizeof(w));
+	db_query_prepared(pool, "rd_ts", 0, NULL, res_cb, &r[0]);
+	db_query_prepared(pool, "rd_ts", 0, NULL, res_cb, &r[1]);
+	tx = db_tx_begin(pool, NULL, NULL);
+	p[0] = "901";
+	p[1] = "in a transaction";
+	db_tx_query(tx, "INSERT INTO items (id, v) VALUES ($1, $2)", 2, p, NULL, NULL);
+	db_tx_query(tx, "SELECT transaction_timestamp()::text", 0, NULL, res_cb, &r[2]);
+	db_tx_commit(tx, res_cb, &w);
+	ok(wait_int(&w.calls, 1, 3000) && w.ev == DB_OK && r[0].ev == DB_OK && r[1].ev == DB_OK &&
+	       r[2].ev == DB_OK,
+	   "a transaction after batched reads on one connection commits");
+	ok(strcmp(r[0].val, r[1].val) == 0 && strcmp(r[2].val, r[0].val) != 0,
+	   "the transaction is not part of the batch");
+
+	/* Cancelled batched reads never call back; the others answer. */
+	memset(r, 0, sizeof(r));
+	struct db_query *c1, *c2;
+	db_query_prepared(pool, "rd_ts", 0, NULL, res_cb, &r[0]);
+	c1 = db_query_prepared(pool, "rd_ts", 0, NULL, res_cb, &r[1]);
+	p[0] = "0";
+	db_query_prepared(pool, "rd_div", 1, p, res_cb, &r[2]);
+	p[0] = "10";
+	c2 = db_query_prepared(pool, "rd_div", 1, p, res_cb, &r[3]);
+	db_query_prepared(pool, "rd_ts", 0, NULL, res_cb, &r[4]);
+	db_query_cancel(c1);
+	db_query_cancel(c2); /* skipped by the failure, then dropped instead of run again */
+	ok(wait_int(&r[4].calls, 1, 3000) && r[0].calls == 1 && r[2].calls == 1 && r[4].ev == DB_OK,
+	   "the reads left answer");
+	run_ms(50);
+	ok(r[1].calls == 0 && r[3].calls == 0, "cancelled batched reads never call back");
+}
+
 #define NPIPE 200
 
 static void test_pipeline(struct db_pool *pool)
@@ -904,6 +1002,7 @@ int main(void)
 	test_pipeline(pool);
 	test_pipeline_error(p1);
 	test_prepare_late(p1);
+	test_batch(p1);
 	test_tx(pool);
 	test_cancel(p1);
 	test_notify(pool);
