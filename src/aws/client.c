@@ -731,7 +731,6 @@ static void aws_call_send(struct aws_call *call)
 		hh[nh++] = (struct http_client_header){ "X-Amz-Target", call->target };
 	for (size_t i = 0; i < sig.nheaders; i++)
 		hh[nh++] = (struct http_client_header){ sig.headers[i].name, sig.headers[i].value };
-	hh[nh++] = (struct http_client_header){ "Authorization", sig.authorization };
 	hr.method = "POST";
 	hr.url = call->url;
 	hr.headers = hh;
