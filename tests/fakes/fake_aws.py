@@ -14,19 +14,27 @@ and inspected through an unsigned control API under /__fake/ on the same ports, 
 sets fault injection (latency, throttling, 5xx, connection reset, malformed or truncated
 bodies, hangs) and records every call so tests can assert what the client did.
 
+The server is one thread: an asyncio event loop serves both ports with a small HTTP/1.1
+parser of its own (keep-alive, pipelining answered in order, chunked bodies, 100-continue),
+so hundreds of connections cost no threads, and injected latency and hangs are timers
+rather than sleeping threads. All state is touched on that thread only, hence no locks.
+
 Runs under Debian's /usr/bin/python3 with the standard library and python3-botocore.
 See README.md beside this file for the seed format and the control API.
 """
 
 import argparse
+import asyncio
 import base64
 import binascii
 import copy
 import datetime
+import email.utils
 import fnmatch
 import functools
 import hashlib
 import hmac
+import http
 import json
 import os
 import random
@@ -37,16 +45,13 @@ import socket
 import ssl
 import struct
 import sys
-import threading
 import time
+import traceback
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_to_bytes, urlsplit
 
 import botocore.auth
-import botocore.awsrequest
 import botocore.credentials
-from botocore.compat import HTTPHeaders
 
 # ---------------------------------------------------------------------------------------
 # Constants: namespaces, limits, defaults
@@ -65,6 +70,8 @@ SCOPE_SERVICES = ("sts", "ec2", "rds", "elasticloadbalancing", "monitoring", "km
 
 MAX_SKEW_SECONDS = 15 * 60
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers
+MAX_HEADERS = 100
 MAX_CALL_LOG = 200000
 
 DEFAULT_REGIONS = [
@@ -102,10 +109,6 @@ class AwsError(Exception):
         self.code = code
         self.message = message
         self.status = status
-
-
-class DropConnection(Exception):
-    """Raised by a fault that ends the exchange without a normal answer."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,7 +184,9 @@ def n(tag, *parts):
 
 
 def items(tag, seq, fn, item="item"):
-    return n(tag, *(n(item, fn(x)) for x in seq))
+    """n(tag, *(n(item, fn(x)) for x in seq)), with fewer calls per item."""
+    head, tail = "<" + item + ">", "</" + item + ">"
+    return "<" + tag + ">" + "".join([head + fn(x) + tail for x in seq]) + "</" + tag + ">"
 
 
 def truthy(v):
@@ -197,25 +202,42 @@ def key_id(prefix):
     return prefix + "".join(secrets.choice(alphabet) for _ in range(16))
 
 
+# indexed() and groups() take the keys a regex "prefix\.(\d+)$" / "prefix\.(\d+)\.(.+)$" would
+# (\d is isdecimal(); "$" also matches before one final newline), without a regex per key.
+
+
 def indexed(params, prefix):
     """Values of prefix.1, prefix.2, ... in index order (AWS's flattened lists)."""
+    head = prefix + "."
+    cut = len(head)
     out = []
-    pat = re.compile(re.escape(prefix) + r"\.(\d+)$")
     for k, v in params.items():
-        m = pat.match(k)
-        if m:
-            out.append((int(m.group(1)), v))
+        if k.startswith(head):
+            i = k[cut:]
+            if i.isdecimal() or (i[-1:] == "\n" and i[:-1].isdecimal()):
+                out.append((int(i), v))
     return [v for _, v in sorted(out)]
 
 
 def groups(params, prefix):
     """Structures prefix.N.rest → [{rest: value}] in index order."""
+    head = prefix + "."
+    cut = len(head)
     out = {}
-    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)$")
+    by_text = {}  # N as written → its structure (int("01") == int("1"): they merge)
     for k, v in params.items():
-        m = pat.match(k)
-        if m:
-            out.setdefault(int(m.group(1)), {})[m.group(2)] = v
+        if k.startswith(head):
+            i, _, rest = k[cut:].partition(".")
+            if not rest or "\n" in rest:
+                if rest[:-1] == "" or rest.index("\n") != len(rest) - 1:
+                    continue
+                rest = rest[:-1]
+            g = by_text.get(i)
+            if g is None:
+                if not i.isdecimal():
+                    continue
+                g = by_text[i] = out.setdefault(int(i), {})
+            g[rest] = v
     return [out[i] for i in sorted(out)]
 
 
@@ -278,44 +300,50 @@ def paginate(seq, token, limit, kind, code="InvalidParameterValue", what="NextTo
 
 
 class State:
-    """Everything the fake knows; one lock guards it (calls are short)."""
+    """Everything the fake knows. Only the event loop's thread touches it."""
 
     def __init__(self, kms_seed):
-        self.lock = threading.RLock()
         self.kms_master = hashlib.sha256(b"cloudsweep-fake-kms:" + kms_seed.encode()).digest()
+        self.held = set()  # wake() of each request a hang fault holds
         self.reset()
 
     def reset(self):
-        with self.lock:
-            render_invalidate()
-            self.accounts = {}
-            self.keys = {}  # access key id → credential record
-            self.regions = list(DEFAULT_REGIONS)
-            self.page_size = 1000
-            self.faults = []
-            self.fault_rng = random.Random(0)
-            self.calls = []
-            self.call_seq = 0
-            self.in_flight = getattr(self, "in_flight", 0)  # requests being served now
-            self.max_in_flight = 0  # the most served at once since the last reset
-            old = getattr(self, "release", None)
-            self.release = threading.Event()
-            if old is not None:
-                old.set()  # wake every hanging request
+        render_invalidate()
+        self.accounts = {}
+        self.keys = {}  # access key id → credential record
+        self.regions = list(DEFAULT_REGIONS)
+        self.page_size = 1000
+        self.faults = []
+        self.fault_rng = random.Random(0)
+        self.calls = []
+        self.call_seq = 0
+        self.in_flight = getattr(self, "in_flight", 0)  # requests being served now
+        self.max_in_flight = 0  # the most served at once since the last reset
+        self.release()
+
+    def hold(self, wake):
+        """Holds a hung request until release() calls wake() (a wake() that runs first, its
+        time being up, takes itself out)."""
+        self.held.add(wake)
+
+    def release(self):
+        """Wakes every request a hang fault holds (a reset or a new fault set)."""
+        held, self.held = self.held, set()
+        for wake in held:
+            wake()
 
     # -- seeding --------------------------------------------------------------------------
 
     def seed(self, doc):
-        with self.lock:
-            render_invalidate()
-            if "page_size" in doc:
-                self.page_size = max(1, int(doc["page_size"]))
-            if "regions" in doc:
-                self.regions = list(doc["regions"])
-            for acct_id, a in (doc.get("accounts") or {}).items():
-                if not re.fullmatch(r"\d{12}", acct_id):
-                    raise ValueError("account id must be 12 digits: %r" % acct_id)
-                self._seed_account(acct_id, a)
+        render_invalidate()
+        if "page_size" in doc:
+            self.page_size = max(1, int(doc["page_size"]))
+        if "regions" in doc:
+            self.regions = list(doc["regions"])
+        for acct_id, a in (doc.get("accounts") or {}).items():
+            if not re.fullmatch(r"\d{12}", acct_id):
+                raise ValueError("account id must be 12 digits: %r" % acct_id)
+            self._seed_account(acct_id, a)
 
     def _seed_account(self, acct_id, a):
         acct = self.accounts.setdefault(acct_id, {"id": acct_id, "roles": {}, "regions": {}})
@@ -349,30 +377,33 @@ class State:
                     reg[kind].append(normalise(kind, copy.deepcopy(item), acct_id, region))
 
     def region(self, acct_id, region):
-        acct = self.accounts.setdefault(acct_id, {"id": acct_id, "roles": {}, "regions": {}})
-        return acct["regions"].setdefault(region, {k: [] for k in RESOURCE_KINDS})
+        acct = self.accounts.get(acct_id)
+        if acct is None:
+            acct = self.accounts[acct_id] = {"id": acct_id, "roles": {}, "regions": {}}
+        reg = acct["regions"].get(region)
+        if reg is None:
+            reg = acct["regions"][region] = {k: [] for k in RESOURCE_KINDS}
+        return reg
 
     def snapshot(self):
-        with self.lock:
-            return {
-                "page_size": self.page_size, "regions": self.regions,
-                "accounts": self.accounts,
-                "credentials": [
-                    {k: v for k, v in c.items()} for c in self.keys.values()
-                ],
-                "faults": self.faults,
-            }
+        return {
+            "page_size": self.page_size, "regions": self.regions,
+            "accounts": self.accounts,
+            "credentials": [
+                {k: v for k, v in c.items()} for c in self.keys.values()
+            ],
+            "faults": self.faults,
+        }
 
     # -- call log -------------------------------------------------------------------------
 
     def log_call(self, entry):
-        with self.lock:
-            self.call_seq += 1
-            entry["seq"] = self.call_seq
-            self.calls.append(entry)
-            if len(self.calls) > MAX_CALL_LOG:
-                del self.calls[: len(self.calls) - MAX_CALL_LOG]
-            return entry
+        self.call_seq += 1
+        entry["seq"] = self.call_seq
+        self.calls.append(entry)
+        if len(self.calls) > MAX_CALL_LOG:
+            del self.calls[: len(self.calls) - MAX_CALL_LOG]
+        return entry
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -380,27 +411,26 @@ class State:
         """The latency to add and the one non-latency fault (or None) for this call."""
         latency = 0
         chosen = None
-        with self.lock:
-            for rule in list(self.faults):
-                if not _fault_matches(rule, service, action, region, account):
-                    continue
-                if rule["type"] != "latency" and chosen is not None:
-                    continue
-                if rule.get("skip", 0) > 0:
-                    rule["skip"] -= 1
-                    continue
-                frac = rule.get("fraction")
-                if frac is not None and self.fault_rng.random() >= float(frac):
-                    continue
-                rule["hits"] = rule.get("hits", 0) + 1
-                if rule.get("count") is not None:
-                    rule["count"] -= 1
-                    if rule["count"] <= 0:
-                        self.faults.remove(rule)
-                if rule["type"] == "latency":
-                    latency += int(rule.get("ms", 0))
-                else:
-                    chosen = dict(rule)
+        for rule in list(self.faults):
+            if not _fault_matches(rule, service, action, region, account):
+                continue
+            if rule["type"] != "latency" and chosen is not None:
+                continue
+            if rule.get("skip", 0) > 0:
+                rule["skip"] -= 1
+                continue
+            frac = rule.get("fraction")
+            if frac is not None and self.fault_rng.random() >= float(frac):
+                continue
+            rule["hits"] = rule.get("hits", 0) + 1
+            if rule.get("count") is not None:
+                rule["count"] -= 1
+                if rule["count"] <= 0:
+                    self.faults.remove(rule)
+            if rule["type"] == "latency":
+                latency += int(rule.get("ms", 0))
+            else:
+                chosen = dict(rule)
         return latency, chosen
 
 
@@ -602,36 +632,67 @@ AUTH_RE = re.compile(
     r"Signature=([0-9a-fA-F]+)\s*$")
 
 
+class SignedHeaders(dict):
+    """Signed header name (lower case) → its values in the order received: what botocore's
+    SigV4Auth reads from its HTTPHeaders (get_all, and a case-insensitive `in` and [])."""
+
+    def get_all(self, name):
+        return dict.__getitem__(self, name)
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, name.lower())[0]
+
+
+class ReceivedRequest:
+    """The parts of a received request botocore's SigV4Auth.canonical_request reads."""
+
+    __slots__ = ("method", "url", "params", "headers", "body", "context")
+
+    def __init__(self, method, url, params, headers, body, timestamp):
+        self.method = method
+        self.url = url
+        self.params = params
+        self.headers = headers  # a SignedHeaders of the signed headers only
+        self.body = body
+        self.context = {"timestamp": timestamp}
+
+
 class ReceivedRequestSigner(botocore.auth.SigV4Auth):
-    """botocore's SigV4 with the header set fixed to what the client said it signed."""
+    """botocore's SigV4 over a received request: the headers are the ones the client said it
+    signed, and the signing key is derived once per day (the last HMAC is per call)."""
 
-    def __init__(self, credentials, service, region, signed_headers):
-        super().__init__(credentials, service, region)
-        self._signed = signed_headers
+    _signers = {}  # (access key, secret, region, service) → signer
 
-    _keys = {}  # (secret, day, region, service) -> signing key
-    _keys_lock = threading.Lock()
+    def __init__(self, credentials, service_name, region_name):
+        super().__init__(credentials, service_name, region_name)
+        self._day = self._k_signing = None
+
+    @classmethod
+    def get(cls, access_key, secret, region, service):
+        key = (access_key, secret, region, service)
+        signer = cls._signers.get(key)
+        if signer is None:
+            if len(cls._signers) >= 100000:
+                cls._signers.clear()
+            signer = cls._signers[key] = cls(
+                botocore.credentials.ReadOnlyCredentials(access_key, secret, None), service,
+                region)
+        return signer
 
     def signature(self, string_to_sign, request):
-        ck = (self.credentials.secret_key, request.context["timestamp"][0:8], self._region_name,
-              self._service_name)
-        with self._keys_lock:
-            k_signing = self._keys.get(ck)
-        if k_signing is None:
-            k_date = self._sign(("AWS4" + ck[0]).encode(), ck[1])
-            k_signing = self._sign(self._sign(self._sign(k_date, ck[2]), ck[3]), "aws4_request")
-            with self._keys_lock:
-                if len(self._keys) >= 100000:
-                    self._keys.clear()
-                self._keys[ck] = k_signing
-        return self._sign(k_signing, string_to_sign, hex=True)
+        day = request.context["timestamp"][0:8]
+        if day != self._day:
+            k_date = self._sign(("AWS4" + self.credentials.secret_key).encode(), day)
+            self._k_signing = self._sign(self._sign(self._sign(
+                k_date, self._region_name), self._service_name), "aws4_request")
+            self._day = day
+        return self._sign(self._k_signing, string_to_sign, hex=True)
 
     def headers_to_sign(self, request):
-        out = HTTPHeaders()
-        for name, value in request.headers.items():
-            if name.lower() in self._signed:
-                out[name.lower()] = value
-        return out
+        return request.headers
 
 
 class Identity:
@@ -695,14 +756,25 @@ def auth_error(service, kind, message=None):
     return AwsError(code, message if kind == "signature" and message else msg, status)
 
 
+AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+
+
+def parse_amz_date(value):
+    """X-Amz-Date → aware UTC datetime, as strptime "%Y%m%dT%H%M%SZ" (which is slow)."""
+    if AMZ_DATE.fullmatch(value) is None:  # anything unusual: strptime's own verdict
+        return datetime.datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(
+            tzinfo=datetime.timezone.utc)
+    return datetime.datetime(int(value[0:4]), int(value[4:6]), int(value[6:8]),
+                             int(value[9:11]), int(value[11:13]), int(value[13:15]),
+                             tzinfo=datetime.timezone.utc)
+
+
 def authenticate(state, req, service, region, auth):
     """Verifies the request's SigV4 signature; returns the caller's Identity or raises."""
     if auth is None:
         raise auth_error(service, "missing")
     access_key, signed_headers, signature = auth["access_key"], auth["signed"], auth["signature"]
-    with state.lock:
-        cred = state.keys.get(access_key)
-        cred = dict(cred) if cred else None
+    cred = state.keys.get(access_key)
     if cred is None:
         raise auth_error(service, "unknown")
     token = req.header("x-amz-security-token")
@@ -720,8 +792,7 @@ def authenticate(state, req, service, region, auth):
                          "Authorization header requires existence of either a 'X-Amz-Date' or "
                          "a 'Date' header. Authorization=%s" % req.header("authorization"))
     try:
-        when = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(
-            tzinfo=datetime.timezone.utc)
+        when = parse_amz_date(amz_date)
     except ValueError:
         raise auth_error(service, "incomplete",
                          "Date must be in ISO-8601 'basic format'. Got '%s'." % amz_date)
@@ -748,23 +819,21 @@ def authenticate(state, req, service, region, auth):
         if req.header(h) is None:
             raise auth_error(service, "signature")
 
-    body_hash = hashlib.sha256(req.body).hexdigest()
     claimed = req.header("x-amz-content-sha256")
-    if claimed is not None and claimed != body_hash:
+    if claimed is not None and claimed != hashlib.sha256(req.body).hexdigest():
         raise auth_error(service, "signature")
 
-    headers = HTTPHeaders()
-    for name, value in req.headers.items():
-        if name.lower() in signed_headers:
-            headers[name] = value
-    areq = botocore.awsrequest.AWSRequest(
-        method=req.method, url="http://%s%s" % (req.header("host"), unquote(req.path)),
-        headers=dict(), data=req.body)
-    areq.headers = headers
-    areq.params = req.query_pairs
-    areq.context["timestamp"] = amz_date
-    creds = botocore.credentials.Credentials(access_key, cred["secret"], token)
-    signer = ReceivedRequestSigner(creds, auth["service"], auth["region"], set(signed_headers))
+    # botocore builds the canonical request (and hashes the body when no signed
+    # X-Amz-Content-SHA256 gives it) from the signed headers, as received.
+    headers = SignedHeaders()
+    for name, value in req.headers:
+        lname = name.lower()
+        if lname in signed_headers:
+            headers.setdefault(lname, []).append(value)
+    areq = ReceivedRequest(req.method, "http://%s%s" % (req.header("host"), unquote(req.path)),
+                           req.query_pairs, headers, req.body, amz_date)
+    signer = ReceivedRequestSigner.get(access_key, cred["secret"], auth["region"],
+                                       auth["service"])
     canonical = signer.canonical_request(areq)
     expected = signer.signature(signer.string_to_sign(areq, canonical), areq)
     if not hmac.compare_digest(expected, signature.lower()):
@@ -914,10 +983,8 @@ def sts_assume_role(c):
                       "on resource: %s" % (c.ident.arn, role_arn), 403)
     if not c.ident.allowed("sts:AssumeRole"):
         raise denied
-    with c.state.lock:
-        acct = c.state.accounts.get(m.group(1))
-        role = acct["roles"].get(role_arn) if acct else None
-        role = dict(role) if role else None
+    acct = c.state.accounts.get(m.group(1))
+    role = acct["roles"].get(role_arn) if acct else None
     if role is None:
         raise denied
     if role["trusted_accounts"] is not None and c.ident.account not in role["trusted_accounts"]:
@@ -942,8 +1009,7 @@ def sts_assume_role(c):
         "role_arn": role_arn, "external_id": ext, "source_identity": c.p("SourceIdentity"),
         "assumed_by": c.ident.access_key,
     }
-    with c.state.lock:
-        c.state.keys[kid] = cred
+    c.state.keys[kid] = cred
     body = (t("SourceIdentity", c.p("SourceIdentity"))
             + n("AssumedRoleUser", t("AssumedRoleId", cred["user_id"]), t("Arn", cred["arn"]))
             + n("Credentials", t("AccessKeyId", kid), t("SecretAccessKey", cred["secret"]),
@@ -1078,7 +1144,7 @@ def ec2_by_ids(c, kind, field, ids, code, what):
 
 # Rendered resources are cached: a resource renders the same until something changes the state.
 # Every change goes through a mutating action or a seed/reset, which calls render_invalidate()
-# (under the state lock, before and after), so a cached rendering is never stale. The cache
+# (before and after), so a cached rendering is never stale. The cache
 # holds the resource itself, so its id() cannot be reused while the entry lives.
 _render_caches = []
 
@@ -1832,7 +1898,23 @@ def aggregate(values, stat):
                    "MetricDataQueries.member.1.MetricStat.Stat is not valid." % stat)
 
 
-def cw_query_series(c, q, start, end):
+def cw_metric_index(metrics):
+    """{(namespace, name): {dimensions: datapoints in seed order}}: one pass for all queries."""
+    index = {}
+    for m in metrics:
+        try:
+            dims = frozenset(m["Dimensions"].items())
+        except (AttributeError, TypeError):  # not a map of strings: never equals a query's
+            continue
+        index.setdefault((m.get("Namespace"), m.get("MetricName")), {}).setdefault(
+            dims, []).extend(m["Datapoints"])
+    return index
+
+
+_parse_time_cached = functools.lru_cache(maxsize=1 << 16)(parse_time)
+
+
+def cw_query_series(q, start, end, index):
     """(timestamps, values) of one query, bucketed by period from StartTime."""
     metric_ns = q.get("MetricStat.Metric.Namespace")
     name = q.get("MetricStat.Metric.MetricName")
@@ -1849,23 +1931,24 @@ def cw_query_series(c, q, start, end):
                                                            (1, 5, 10, 30)):
         raise AwsError("InvalidParameterValue", "The parameter MetricDataQueries.member.%s."
                        "MetricStat.Period must be a multiple of 60." % q["_index"])
+    by_dims = index.get((metric_ns, name))
+    if not by_dims:
+        return []
     dims = {}
     for d in groups(q, "MetricStat.Metric.Dimensions.member"):
         dims[d.get("Name")] = d.get("Value")
-    points = []
-    for m in c.reg["metrics"]:
-        if m.get("Namespace") == metric_ns and m.get("MetricName") == name and \
-                m["Dimensions"] == dims:
-            points += m["Datapoints"]
     buckets = {}
-    for p in points:
-        ts = parse_time(p["Timestamp"])
+    for p in by_dims.get(frozenset(dims.items()), ()):
+        ts = _parse_time_cached(p["Timestamp"])
         if start <= ts < end:
             off = int((ts - start).total_seconds()) // period * period
             buckets.setdefault(off, []).append(p["Value"])
     out = [(start + datetime.timedelta(seconds=off), aggregate(vs, stat))
            for off, vs in buckets.items()]
     return out
+
+
+CW_QUERY_ID = re.compile(r"[a-z][a-zA-Z0-9_]*")
 
 
 def cw_get_metric_data(c):
@@ -1876,27 +1959,28 @@ def cw_get_metric_data(c):
         raise AwsError("ValidationError", "The collection MetricDataQueries must not have a "
                        "size greater than 500.")
     try:
-        start = parse_time(c.require("StartTime", code="ValidationError"))
-        end = parse_time(c.require("EndTime", code="ValidationError"))
+        start = _parse_time_cached(c.require("StartTime", code="ValidationError"))
+        end = _parse_time_cached(c.require("EndTime", code="ValidationError"))
     except ValueError:
         raise AwsError("ValidationError", "StartTime and EndTime must be ISO-8601 timestamps")
     if start >= end:
         raise AwsError("ValidationError", "The parameter StartTime must be less than the "
                        "parameter EndTime.")
     scan_desc = c.p("ScanBy", "TimestampDescending") != "TimestampAscending"
+    index = cw_metric_index(c.reg["metrics"])
     ids = set()
     series = []
     for i, q in enumerate(queries, 1):
         q["_index"] = str(i)
         qid = q.get("Id", "")
-        if not re.fullmatch(r"[a-z][a-zA-Z0-9_]*", qid):
+        if not CW_QUERY_ID.fullmatch(qid):
             raise AwsError("ValidationError", "The value %s for parameter MetricDataQueries."
                            "member.%d.Id is not valid." % (qid, i))
         if qid in ids:
             raise AwsError("ValidationError", "The value %s for parameter MetricDataQueries."
                            "member.%d.Id is not unique." % (qid, i))
         ids.add(qid)
-        pts = sorted(cw_query_series(c, q, start, end), reverse=scan_desc)
+        pts = sorted(cw_query_series(q, start, end, index), reverse=scan_desc)
         if q.get("ReturnData", "true").lower() != "false":
             series.append((qid, q.get("Label") or q.get("MetricStat.Metric.MetricName"), pts))
     flat = [(si, pi) for si, s in enumerate(series) for pi in range(len(s[2]))]
@@ -1909,16 +1993,20 @@ def cw_get_metric_data(c):
     chosen = {}
     for si, pi in page:
         chosen.setdefault(si, []).append(pi)
+    # Written out rather than with members() and t(), as there can be 500 of them; an Id
+    # that passed CW_QUERY_ID needs no escaping.
     results = []
     for si, (qid, label, pts) in enumerate(series):
-        got = [pts[pi] for pi in chosen.get(si, [])]
+        got = [pts[pi] for pi in chosen[si]] if si in chosen else ()
         results.append(
-            t("Id", qid) + t("Label", label)
-            + members("Timestamps", got, lambda p: esc(iso(p[0])))
-            + members("Values", got, lambda p: esc(repr(float(p[1]))))
-            + t("StatusCode", "PartialData" if si in unfinished else "Complete"))
-    return (members("MetricDataResults", results, lambda x: x) + t("NextToken", nxt)
-            + n("Messages"))
+            "<member><Id>" + qid + "</Id>" + t("Label", label) + "<Timestamps>"
+            + "".join(["<member>" + esc(iso(p[0])) + "</member>" for p in got])
+            + "</Timestamps><Values>"
+            + "".join(["<member>" + esc(repr(float(p[1]))) + "</member>" for p in got])
+            + ("</Values><StatusCode>PartialData</StatusCode></member>" if si in unfinished
+               else "</Values><StatusCode>Complete</StatusCode></member>"))
+    return ("<MetricDataResults>" + "".join(results) + "</MetricDataResults>"
+            + t("NextToken", nxt) + n("Messages"))
 
 
 CW_ACTIONS = {"GetMetricData": cw_get_metric_data}
@@ -2067,36 +2155,54 @@ QUERY_ACTIONS = {"ec2": EC2_ACTIONS, "sts": STS_ACTIONS, "rds": RDS_ACTIONS,
 
 
 # ---------------------------------------------------------------------------------------
-# HTTP
+# HTTP: requests
 # ---------------------------------------------------------------------------------------
 
 
+def form_pairs(s):
+    """parse_qsl(s, keep_blank_values=True), three times faster: unless an escaped "&" or "="
+    could split differently, one unquote of the whole string does for every pair (and for
+    ASCII, which is one run for unquote, without its search for runs)."""
+    if "%" in s:
+        if "%26" in s or "%3D" in s or "%3d" in s:
+            return parse_qsl(s, keep_blank_values=True)
+        s = s.replace("+", " ")
+        s = unquote_to_bytes(s).decode("utf-8", "replace") if s.isascii() else unquote(s)
+    elif "+" in s:
+        s = s.replace("+", " ")
+    return [p.partition("=")[::2] for p in s.split("&") if p]
+
+
 class Req:
-    def __init__(self, method, raw_path, headers, body):
+    """One request as received: headers in order with their own names (SigV4 needs them)
+    and by lower-case name, the first of a name winning."""
+
+    __slots__ = ("method", "line", "path", "query_pairs", "headers", "by_name", "body",
+                 "_params")
+
+    def __init__(self, method, target, line, headers, by_name):
         self.method = method
-        parts = urlsplit(raw_path)
+        self.line = line  # the request line, for --verbose
+        if target.startswith("//"):  # as http.server does (gh-87389)
+            target = "/" + target.lstrip("/")
+        parts = urlsplit(target)
         self.path = parts.path or "/"
-        self.query = parts.query
-        self.query_pairs = parse_qsl(parts.query, keep_blank_values=True)
+        self.query_pairs = form_pairs(parts.query) if parts.query else []
         self.headers = headers
-        self.body = body
+        self.by_name = by_name
+        self.body = b""
         self._params = None
-        # One pass over the headers: email.message.Message.get scans and re-parses them all on
-        # every lookup, and a request looks up about twenty. The first of a name wins, as in get.
-        self._by_name = {}
-        for k, v in headers.items():
-            self._by_name.setdefault(k.lower(), v)
 
     def header(self, name):
-        return self._by_name.get(name.lower())
+        """The first value of a header; name in lower case."""
+        return self.by_name.get(name)
 
     def params(self):
         """Query parameters, then a form body's (parsed once: GetMetricData bodies are big)."""
         if self._params is None:
             params = dict(self.query_pairs)
             if self.body and "x-www-form-urlencoded" in (self.header("content-type") or ""):
-                params.update(parse_qsl(self.body.decode("utf-8", "replace"),
-                                        keep_blank_values=True))
+                params.update(form_pairs(self.body.decode("utf-8", "replace")))
             self._params = params
         return self._params
 
@@ -2104,6 +2210,10 @@ class Req:
 def classify(req):
     """(service, auth parts or None, auth error or None) before any verification."""
     auth_value = req.header("authorization")
+    if auth_value is not None:
+        values = [v for k, v in req.headers if k.lower() == "authorization"]
+        # A repeated header is one comma-joined value to HTTP, which no SigV4 parse accepts.
+        auth_value = ", ".join(values)
     auth, err = None, None
     if auth_value:
         try:
@@ -2128,84 +2238,292 @@ def classify(req):
     return "unknown", auth, err
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+METHODS = ("GET", "POST", "PUT", "DELETE")
+_rid_rng = random.Random()  # request ids need uniqueness, not a getrandom() call each
+_second = [0, "", ""]  # a second, its Date header value and its ISO-8601 text
 
-    def version_string(self):
-        return "fake-aws"
 
-    def log_message(self, fmt, *args):
-        if self.server.verbose:
-            sys.stderr.write("fake_aws: " + (fmt % args) + "\n")
+def _tick(now):
+    sec = int(now)
+    if sec != _second[0]:
+        _second[:] = (sec, email.utils.formatdate(sec, usegmt=True),
+                      time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
+    return sec
 
-    def do_GET(self):
-        self.dispatch()
 
-    def do_POST(self):
-        self.dispatch()
+def http_date():
+    _tick(time.time())
+    return _second[1]
 
-    def do_PUT(self):
-        self.dispatch()
 
-    def do_DELETE(self):
-        self.dispatch()
+def now_iso():
+    """iso(utcnow()), for the call log: the text up to the second changes once a second."""
+    now = time.time()
+    sec = _tick(now)
+    return _second[2] + "%03dZ" % ((now - sec) * 1000)
+
+
+def request_id():
+    return str(uuid.UUID(int=_rid_rng.getrandbits(128), version=4))
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP: connections (one asyncio protocol each, all on the event loop's thread)
+# ---------------------------------------------------------------------------------------
+
+HEAD = "head"      # reading a request line and headers
+BODY = "body"      # reading that request's body
+BUSY = "busy"      # serving it (perhaps a latency timer or a hang runs); more input waits
+CLOSED = "closed"  # closing or gone; a request still being served answers no one
+
+
+class Server:
+    """What the connections of one listening port share."""
+
+    def __init__(self, state, loop, tls, verbose):
+        self.state = state
+        self.loop = loop
+        self.tls = tls
+        self.verbose = verbose
+
+
+class Conn(asyncio.Protocol):
+    """One client connection. Requests are parsed from the buffer and served one at a time
+    in order, pipelined ones waiting in the buffer. Each answer leaves in one write."""
+
+    def __init__(self, server):
+        self.server = server
+        self.transport = None
+        self.buf = bytearray()
+        self.phase = HEAD
+        self.req = None          # the request being read or served
+        self.length = 0          # its Content-Length, or the chunked body's length so far
+        self.chunks = None       # its chunks so far when the body is chunked
+        self.close_after = False  # close once the request is answered
+        self.counted = False     # it counts in state.in_flight
+        self.eof = False         # the client has shut its side
+        self.paused = False      # reading paused: enough input waits behind a busy request
+
+    # -- transport events -----------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        self.transport = None
+        self.phase = CLOSED
+
+    def data_received(self, data):
+        self.buf += data
+        if self.phase is BUSY:
+            if len(self.buf) > MAX_HEAD_BYTES and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
+            return
+        self.advance()
+
+    def eof_received(self):
+        self.eof = True  # advance() closes once the requests already sent are answered
+        # (on plain TCP: TLS closes whatever this returns)
+        return self.phase is BUSY and not self.server.tls
+
+    # -- reading --------------------------------------------------------------------------
+
+    def advance(self):
+        """Serves buffered requests until one needs more input or waits (BUSY)."""
+        try:
+            while self.phase is HEAD or self.phase is BODY:
+                if self.phase is HEAD and not self.read_head():
+                    break
+                if self.phase is BODY:
+                    body = self.read_body()
+                    if body is None:  # more input needed, or refused
+                        break
+                    self.req.body = body
+                    self.phase = BUSY
+                    self.dispatch(self.req)
+        except Exception:  # noqa: BLE001 - a bug in the fake must not stop the loop
+            self.crash()
+        if self.eof and self.phase is HEAD:
+            self.close()
+        if self.paused and self.phase is not BUSY and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def read_head(self):
+        """Parses a request line and headers into self.req (phase BODY); false when more
+        input is needed or the request was refused."""
+        buf = self.buf
+        start = 0
+        while buf.startswith(b"\r\n", start):  # empty lines before a request are ignored
+            start += 2
+        if start:
+            del buf[:start]
+        end = buf.find(b"\r\n\r\n")
+        if end < 0 or end > MAX_HEAD_BYTES:
+            if len(buf) > MAX_HEAD_BYTES:
+                self.refuse(431, "request header section too large")
+            return False
+        text = buf[:end].decode("latin-1")
+        del buf[:end + 4]
+        lines = text.split("\r\n")
+        if text.count("\r") != len(lines) - 1 or text.count("\n") != len(lines) - 1:
+            return self.refuse(400, "bare CR or LF in the request head")
+        words = lines[0].split()
+        if len(words) != 3:
+            return self.refuse(400, "bad request line")
+        method, target, version = words
+        try:
+            if not version.startswith("HTTP/"):
+                raise ValueError(version)
+            major, minor = version[5:].split(".")
+            ver = int(major), int(minor)
+        except ValueError:
+            return self.refuse(400, "bad HTTP version")
+        if ver >= (2, 0):
+            return self.refuse(505, "HTTP version not supported")
+        if len(lines) - 1 > MAX_HEADERS:
+            return self.refuse(431, "too many headers")
+        headers = []
+        by_name = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name.strip(" \t") != name:  # obs-fold included
+                return self.refuse(400, "bad header line")
+            value = value.strip(" \t")
+            headers.append((name, value))
+            by_name.setdefault(name.lower(), value)
+        self.req = Req(method, target, lines[0], headers, by_name)
+        conn = by_name.get("connection", "").lower()
+        self.close_after = conn == "close" or (ver < (1, 1) and conn != "keep-alive")
+        if method not in METHODS:
+            return self.refuse(501, "unsupported method")
+        if ver >= (1, 1) and by_name.get("expect", "").lower() == "100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        te = by_name.get("transfer-encoding")
+        if te is not None and "chunked" in te.lower():
+            self.chunks, self.length = [], 0
+        else:
+            self.chunks = None
+            try:
+                self.length = int(by_name.get("content-length") or 0)
+            except ValueError:
+                self.length = -1
+            if not 0 <= self.length <= MAX_BODY_BYTES:
+                return self.refuse(400, "bad request body")
+        self.phase = BODY
+        return True
 
     def read_body(self):
-        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
-            out = b""
-            while True:
-                line = self.rfile.readline(1024)
-                size = int(line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return out
-                out += self.rfile.read(size)
-                self.rfile.readline(8)
-                if len(out) > MAX_BODY_BYTES:
-                    raise ValueError("body too large")
-        length = int(self.headers.get("content-length") or 0)
-        if length < 0 or length > MAX_BODY_BYTES:
-            raise ValueError("bad content-length")
-        return self.rfile.read(length) if length else b""
+        """The body once it is all buffered, else None (or refuses it)."""
+        buf = self.buf
+        if self.chunks is None:
+            if len(buf) < self.length:
+                return None
+            body = bytes(buf[:self.length])
+            del buf[:self.length]
+            return body
+        while True:
+            eol = buf.find(b"\r\n")
+            if eol < 0:
+                if len(buf) > 1024:
+                    return self.refuse(400, "bad request body")
+                return None
+            try:
+                size = int(bytes(buf[:eol]).split(b";")[0].strip() or b"0", 16)
+            except ValueError:
+                return self.refuse(400, "bad request body")
+            if size == 0:  # the last chunk; then trailer lines up to an empty one
+                end = buf.find(b"\r\n\r\n", eol)
+                if end < 0:
+                    if len(buf) > MAX_HEAD_BYTES:
+                        return self.refuse(400, "bad request body")
+                    return None
+                del buf[:end + 4]
+                body, self.chunks = b"".join(self.chunks), None
+                return body
+            if size < 0 or self.length + size > MAX_BODY_BYTES:
+                return self.refuse(400, "bad request body")
+            if len(buf) < eol + 4 + size:
+                return None
+            if buf[eol + 2 + size:eol + 4 + size] != b"\r\n":
+                return self.refuse(400, "bad request body")
+            self.chunks.append(bytes(buf[eol + 2:eol + 2 + size]))
+            self.length += size
+            del buf[:eol + 4 + size]
 
-    def send(self, status, body, ctype, reqid=None, extra=None):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if reqid:
-            self.send_header("x-amzn-RequestId", reqid)
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        # Status line, headers and body leave in one write, as one segment or TLS record.
-        self._headers_buffer.append(b"\r\n" + body)
-        self.flush_headers()
-
-    def dispatch(self):
-        try:
-            body = self.read_body()
-        except ValueError:
-            self.close_connection = True
-            self.send(400, b"bad request body", "text/plain")
-            return
-        req = Req(self.command, self.path, self.headers, body)
+    def dispatch(self, req):
         if req.path.startswith("/__fake/"):
             self.control(req)
-            return
-        state = self.server.state
-        with state.lock:
-            state.in_flight += 1
-            state.max_in_flight = max(state.max_in_flight, state.in_flight)
-        try:
+        else:
             self.aws(req)
-        except DropConnection:
-            pass
-        finally:
-            with state.lock:
-                state.in_flight -= 1
+
+    # -- answering and ending -------------------------------------------------------------
+
+    def head(self, status, ctype, length, reqid):
+        h = ("HTTP/1.1 %d %s\r\nServer: fake-aws\r\nDate: %s\r\nContent-Type: %s\r\n"
+             "Content-Length: %d\r\n" % (status, REASONS.get(status, ""), http_date(), ctype,
+                                         length))
+        if reqid:
+            h += "x-amzn-RequestId: " + reqid + "\r\n"
+        if self.close_after:
+            h += "Connection: close\r\n"
+        return (h + "\r\n").encode("latin-1")
+
+    def send(self, status, body, ctype, reqid=None, close=False):
+        """Answers the request: status line, headers and body in one write (one segment or
+        TLS record); then the connection reads the next request or closes."""
+        self.close_after = self.close_after or close
+        if self.server.verbose:
+            sys.stderr.write('fake_aws: "%s" %d\n' % (self.req.line if self.req else "-",
+                                                       status))
+        if self.phase is not CLOSED:
+            self.transport.write(self.head(status, ctype, len(body), reqid) + body)
+        self.end()
+
+    def refuse(self, status, message):
+        """Answers what cannot be read as a request, and closes: the stream is lost."""
+        self.send(status, message.encode(), "text/plain", close=True)
+
+    def end(self):
+        """The request is over (answered or dropped): close, or go on reading."""
+        if self.counted:
+            self.counted = False
+            self.server.state.in_flight -= 1
+        self.req = None
+        if self.close_after:
+            self.close()
+        elif self.phase is BUSY:
+            self.phase = HEAD
+
+    def close(self):
+        """Closes once the answers written so far are sent."""
+        if self.phase is not CLOSED:
+            self.phase = CLOSED
+            self.transport.close()
+
+    def drop(self, rst=False):
+        """Ends the connection as a dying server would: no TLS close_notify, then a FIN after
+        what was written, or with rst an RST (SO_LINGER 0) at once."""
+        if self.phase is not CLOSED:
+            self.phase = CLOSED
+            if rst:
+                sock = self.transport.get_extra_info("socket")
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            self.transport.abort()
+
+    def crash(self):
+        """A bug in the fake: no answer and the connection closes, as a thread's death
+        did; the traceback goes to stderr with --verbose."""
+        if self.server.verbose:
+            traceback.print_exc()
+        self.close_after = True
+        self.end()
 
     # -- control API ----------------------------------------------------------------------
 
@@ -2230,25 +2548,20 @@ class Handler(BaseHTTPRequestHandler):
             elif route == ("POST", "/__fake/faults"):
                 out = self.set_faults(doc)
             elif route == ("GET", "/__fake/faults"):
-                with state.lock:
-                    out = {"faults": copy.deepcopy(state.faults)}
+                out = {"faults": copy.deepcopy(state.faults)}
             elif route == ("GET", "/__fake/calls"):
-                with state.lock:
-                    calls = [dict(x) for x in state.calls]
                 since = int(q.get("since", 0))
-                calls = [x for x in calls if x["seq"] > since
+                calls = [dict(x) for x in state.calls if x["seq"] > since
                          and all(q.get(f) in (None, str(x.get(f)))
                                  for f in ("service", "action", "region", "account"))]
                 out = {"calls": calls}
             elif route in (("DELETE", "/__fake/calls"), ("POST", "/__fake/calls/clear")):
-                with state.lock:
-                    state.calls = []
-                    state.max_in_flight = state.in_flight
+                state.calls = []
+                state.max_in_flight = state.in_flight
                 out = {"ok": True}
             elif route == ("GET", "/__fake/stats"):
-                with state.lock:
-                    out = {"in_flight": state.in_flight, "max_in_flight": state.max_in_flight,
-                           "calls": state.call_seq}
+                out = {"in_flight": state.in_flight, "max_in_flight": state.max_in_flight,
+                       "calls": state.call_seq}
             elif route == ("GET", "/__fake/state"):
                 out = json.loads(json.dumps(state.snapshot(), default=str))
             elif route == ("POST", "/__fake/expire-credentials"):
@@ -2269,35 +2582,38 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError("fault type must be one of %s" % ", ".join(FAULT_TYPES))
             if r.get("fraction") is not None and not 0 <= float(r["fraction"]) <= 1:
                 raise ValueError("fraction must be within 0..1")
-        with state.lock:
-            if isinstance(doc, dict) and doc.get("seed") is not None:
-                state.fault_rng = random.Random(doc["seed"])
-            if not (isinstance(doc, dict) and doc.get("append")):
-                state.faults = []
-                old, state.release = state.release, threading.Event()
-                old.set()
-            state.faults += [dict(r) for r in rules]
-            return {"ok": True, "faults": len(state.faults)}
+        if isinstance(doc, dict) and doc.get("seed") is not None:
+            state.fault_rng = random.Random(doc["seed"])
+        if not (isinstance(doc, dict) and doc.get("append")):
+            state.faults = []
+            state.release()
+        state.faults += [dict(r) for r in rules]
+        return {"ok": True, "faults": len(state.faults)}
 
     def expire(self, doc):
         state = self.server.state
         past = iso(utcnow() - datetime.timedelta(seconds=1))
         count = 0
-        with state.lock:
-            for c in state.keys.values():
-                if c["kind"] == "session" and doc.get("access_key_id") in (None, c["id"]):
-                    c["expiration"] = past
-                    count += 1
+        for c in state.keys.values():
+            if c["kind"] == "session" and doc.get("access_key_id") in (None, c["id"]):
+                c["expiration"] = past
+                count += 1
         return {"ok": True, "expired": count}
 
     # -- AWS ------------------------------------------------------------------------------
 
     def aws(self, req):
+        """Classifies, logs and authenticates the request and picks its faults; the rest
+        (aws_finish) runs after the injected latency, so state changes only then."""
         state = self.server.state
-        reqid = str(uuid.uuid4())
+        self.counted = True
+        state.in_flight += 1
+        if state.in_flight > state.max_in_flight:
+            state.max_in_flight = state.in_flight
+        reqid = request_id()
         service, auth, auth_err = classify(req)
         params, action, kms_body = {}, None, None
-        entry = {"time": iso(utcnow()), "method": req.method, "path": req.path,
+        entry = {"time": now_iso(), "method": req.method, "path": req.path,
                  "service": service, "action": None,
                  "region": auth["region"] if auth else None, "account": None,
                  "access_key": auth["access_key"] if auth else None,
@@ -2316,10 +2632,12 @@ class Handler(BaseHTTPRequestHandler):
                 entry["params"] = {k: ("<redacted>" if k == "Plaintext" else v)
                                    for k, v in (kms_body or {}).items()}
             else:
-                params = dict(req.params())
-                action = params.get("Action")
-                entry["params"] = {k: v for k, v in params.items()
-                                   if k not in ("Action", "Version")}
+                # The log and the action share the one parsed dict, less Action and Version
+                # (no action reads those, and nothing changes the dict).
+                params = req.params()
+                action = params.pop("Action", None)
+                params.pop("Version", None)
+                entry["params"] = params
             entry["action"] = action
             state.log_call(entry)
             if auth_err is not None:
@@ -2335,22 +2653,45 @@ class Handler(BaseHTTPRequestHandler):
             entry["signature_verified"] = True
             entry["account"] = ident.account
             latency, fault = state.pick_faults(service, action, entry["region"], ident.account)
-            if latency:
-                time.sleep(latency / 1000.0)
+        except AwsError as e:
+            entry["error_code"] = e.code
+            status, out, ctype = render_error(service, e, reqid)
+            entry["status"] = status
+            self.send(status, out, ctype, reqid)
+            return
+        call = (req, service, action, params, kms_body, reqid, entry, ident, fault)
+        if latency:
+            self.server.loop.call_later(latency / 1000.0, self.aws_resume, call)
+        else:
+            self.aws_finish(*call)
+
+    def aws_resume(self, call):
+        """The latency has passed: finish the request, then serve any pipelined one."""
+        try:
+            self.aws_finish(*call)
+        except Exception:  # noqa: BLE001 - as in advance()
+            self.crash()
+        self.advance()
+
+    def aws_finish(self, req, service, action, params, kms_body, reqid, entry, ident, fault):
+        """Applies the fault, runs the action and answers: the part after the latency."""
+        try:
             if fault:
                 entry["fault"] = fault["type"]
-                self.apply_fault(fault, service, action, reqid, entry)
-            status, out, ctype = self.run_action(state, ident, service, entry["region"], action,
-                                                 params, kms_body, reqid)
+                if self.apply_fault(fault, service, action, reqid, entry):
+                    return
+            status, out, ctype = self.run_action(req, ident, service, entry["region"],
+                                                 action, params, kms_body, reqid)
         except AwsError as e:
             status, out, ctype = render_error(service, e, reqid)
             entry["error_code"] = e.code
         entry["status"] = status
         self.send(status, out, ctype, reqid)
 
-    def run_action(self, state, ident, service, region, action, params, kms_body, reqid):
+    def run_action(self, req, ident, service, region, action, params, kms_body, reqid):
+        state = self.server.state
         if service == "kms":
-            if "x-amz-json-1.1" not in (self.headers.get("content-type") or ""):
+            if "x-amz-json-1.1" not in (req.header("content-type") or ""):
                 raise AwsError("UnknownOperationException", "", 400)
             fn = KMS_ACTIONS.get(action)
             if fn is None:
@@ -2358,8 +2699,7 @@ class Handler(BaseHTTPRequestHandler):
             if kms_body is None:
                 raise AwsError("SerializationException", "Start of structure or map found "
                                "where not expected.")
-            with state.lock:
-                out = fn(Ctx(state, ident, service, region, action, params), kms_body)
+            out = fn(Ctx(state, ident, service, region, action, params), kms_body)
             return 200, json.dumps(out).encode(), "application/x-amz-json-1.1"
         table = QUERY_ACTIONS[service]
         if not action:
@@ -2372,33 +2712,31 @@ class Handler(BaseHTTPRequestHandler):
         if service != "ec2" or action.startswith("Describe"):
             # EC2's mutating actions check inside, so that DryRun answers the same way.
             ctx.permit(IAM_PREFIX[service] + ":" + action)
-        with state.lock:
-            if action.startswith(("Describe", "Get")):
+        if action.startswith(("Describe", "Get")):
+            body = fn(ctx)
+        else:  # it may change what a resource renders as
+            render_invalidate()
+            try:
                 body = fn(ctx)
-            else:  # it may change what a resource renders as
+            finally:
                 render_invalidate()
-                try:
-                    body = fn(ctx)
-                finally:
-                    render_invalidate()
         if service == "ec2":
             return 200, ec2_ok(action, reqid, body).encode(), "text/xml;charset=UTF-8"
         return 200, query_ok(service, action, reqid, body).encode(), "text/xml"
 
     def apply_fault(self, fault, service, action, reqid, entry):
+        """Raises the fault's error, or ends the exchange its way and returns True."""
         ftype = fault["type"]
         if ftype in ("throttle", "error"):
             raise fault_error(service, fault)
         if ftype == "reset":
-            self.reset_connection()
             entry["status"] = 0
-            raise DropConnection()
+            self.drop(rst=True)
+            self.end()
+            return True
         if ftype == "hang":
-            release = self.server.state.release
-            release.wait(int(fault.get("ms", 300000)) / 1000.0)
-            self.reset_connection()
-            entry["status"] = 0
-            raise DropConnection()
+            self.hang(int(fault.get("ms", 300000)), entry)
+            return True
         if ftype == "malformed":
             body = ('<?xml version="1.0" encoding="UTF-8"?>\n<%sResponse xmlns="%s"><requestId>'
                     '%s</requestId><item><<>&bogus;</%sResponse' % (action, EC2_NS, reqid, action))
@@ -2406,82 +2744,34 @@ class Handler(BaseHTTPRequestHandler):
                 body = '{"CiphertextBlob": "AAAA", "KeyId": '
             entry["status"] = 200
             self.send(200, body.encode(), "application/x-amz-json-1.1" if service == "kms"
-                      else "text/xml", reqid)
-            raise DropConnection()
+                      else "text/xml", reqid, close=True)
+            return True
         if ftype == "truncated":
+            # A Content-Length the body never reaches, as from a server dying mid-answer.
             full = (ec2_ok(action, reqid, "<volumeSet>" + "<item><volumeId>vol-0</volumeId>"
                            "</item>" * 20 + "</volumeSet>")).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/xml")
-            self.send_header("Content-Length", str(len(full)))
-            self.send_header("x-amzn-RequestId", reqid)
-            self.end_headers()
-            self.wfile.write(full[: len(full) // 2])
-            self.wfile.flush()
             entry["status"] = 200
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            raise DropConnection()
+            if self.phase is not CLOSED:
+                self.transport.write(self.head(200, "text/xml", len(full), reqid)
+                                     + full[: len(full) // 2])
+            self.drop()
+            self.end()
+            return True
+        return False
 
-    def reset_connection(self):
-        """Closes the socket with an RST (SO_LINGER 0), as a crashed peer would."""
-        self.close_connection = True
-        try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                       struct.pack("ii", 1, 0))
-            raw = self.connection
-            if isinstance(raw, ssl.SSLSocket):
-                fd = raw.detach()
-                socket.socket(fileno=fd).close()
-            else:
-                raw.close()
-        except OSError:
-            pass
+    def hang(self, ms, entry):
+        """Answers nothing until the fault rules change (State.release) or ms pass; then
+        resets the connection."""
+        state = self.server.state
 
-    def finish(self):
-        try:
-            super().finish()
-        except (OSError, ValueError):
-            pass
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self, addr, state, ssl_ctx=None, verbose=False):
-        self.state = state
-        self.ssl_ctx = ssl_ctx
-        self.tls = ssl_ctx is not None
-        self.verbose = verbose
-        super().__init__(addr, Handler)
-
-    def finish_request(self, request, client_address):
-        # The TLS handshake runs in the connection's own thread, not the accept loop.
-        conn = request
-        if self.ssl_ctx is not None:
-            try:
-                request.settimeout(10)
-                conn = self.ssl_ctx.wrap_socket(request, server_side=True)
-                conn.settimeout(None)
-            except (OSError, ssl.SSLError):
-                return
-        try:
-            self.RequestHandlerClass(conn, client_address, self)
-        finally:
-            if conn is not request:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
-
-    def handle_error(self, request, client_address):
-        if self.verbose:
-            super().handle_error(request, client_address)
+        def wake():
+            state.held.discard(wake)
+            timer.cancel()
+            entry["status"] = 0
+            self.drop(rst=True)
+            self.end()
+        timer = self.server.loop.call_later(ms / 1000.0, wake)
+        state.hold(wake)
 
 
 def prerender(state):
@@ -2489,12 +2779,11 @@ def prerender(state):
     kinds = {"volumes": render_volume, "snapshots": render_snapshot, "images": render_image,
              "addresses": render_address, "instances": render_instance,
              "nat_gateways": render_nat, "network_interfaces": render_eni}
-    with state.lock:
-        for acct in state.accounts.values():
-            for reg in acct["regions"].values():
-                for kind, fn in kinds.items():
-                    for res in reg[kind]:
-                        fn(res)
+    for acct in state.accounts.values():
+        for reg in acct["regions"].values():
+            for kind, fn in kinds.items():
+                for res in reg[kind]:
+                    fn(res)
 
 
 def main(argv=None):
@@ -2517,9 +2806,9 @@ def main(argv=None):
                     help="bind with SO_REUSEPORT, so several fakes (same --seed/--faults) can "
                          "share the ports for benchmarks; each keeps its own state")
     args = ap.parse_args(argv)
+    if args.https_port is not None and not (args.cert and args.key):
+        ap.error("--https-port needs --cert and --key")
 
-    threading.stack_size(512 * 1024)
-    sys.setswitchinterval(0.05)
     state = State(args.kms_seed)
     if args.seed:
         with open(args.seed) as f:
@@ -2530,28 +2819,34 @@ def main(argv=None):
         with open(args.faults) as f:
             doc = json.load(f)
         state.faults = [dict(r) for r in (doc if isinstance(doc, list) else doc.get("faults", []))]
-    Server.allow_reuse_port = args.reuse_port
-    servers = [Server((args.host, args.http_port), state, verbose=args.verbose)]
+
+    loop = asyncio.new_event_loop()
+    # TLS handshake failures and the like are the clients' business; a bug shows with --verbose.
+    loop.set_exception_handler(
+        lambda lp, ctx: lp.default_exception_handler(ctx) if args.verbose else None)
+
+    def listen(port, ssl_ctx):
+        server = Server(state, loop, ssl_ctx is not None, args.verbose)
+        return loop.run_until_complete(loop.create_server(
+            lambda: Conn(server), args.host, port, ssl=ssl_ctx, backlog=1024,
+            reuse_port=args.reuse_port, ssl_handshake_timeout=10 if ssl_ctx else None))
+
+    listeners = [listen(args.http_port, None)]
     https_port = None
     if args.https_port is not None:
-        if not (args.cert and args.key):
-            ap.error("--https-port needs --cert and --key")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(args.cert, args.key)
-        servers.append(Server((args.host, args.https_port), state, ctx, args.verbose))
-        https_port = servers[1].server_address[1]
-    for s in servers:
-        threading.Thread(target=s.serve_forever, args=(0.1,), daemon=True).start()
-    print(json.dumps({"http_port": servers[0].server_address[1], "https_port": https_port}),
-          flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    state.release.set()
-    for s in servers:
-        s.shutdown()
-        s.server_close()
+        listeners.append(listen(args.https_port, ctx))
+        https_port = listeners[1].sockets[0].getsockname()[1]
+    print(json.dumps({"http_port": listeners[0].sockets[0].getsockname()[1],
+                      "https_port": https_port}), flush=True)
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    loop.run_until_complete(stop)
+    for listener in listeners:
+        listener.close()
+    loop.close()
 
 
 if __name__ == "__main__":

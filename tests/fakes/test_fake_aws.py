@@ -2,7 +2,8 @@
 
 The fake runs as a subprocess (HTTP and HTTPS on loopback) and is driven with botocore's
 own clients (real SigV4 signing, real XML/JSON parsers) and with raw requests signed by a
-small independent signer below, which can also sign wrongly on purpose.
+small independent signer below, which can also sign wrongly on purpose. Raw sockets check
+its HTTP/1.1 framing (chunked bodies, 100-continue, pipelining, refusals).
 
 Run: /usr/bin/python3 -m pytest -q tests/fakes
 """
@@ -298,6 +299,22 @@ def test_bad_requests_are_refused_like_aws(aws, service, params, case, status, c
         assert "Signature expired:" in body
     call = aws.calls()[-1]
     assert call["signature_verified"] is False and call["auth_error"] == code
+
+
+def test_repeated_authorization_header_is_refused(aws):
+    host = "127.0.0.1:%d" % aws.port
+    body = urllib.parse.urlencode(STS_Q).encode()
+    headers = sign("POST", host, "/", "", {"Content-Type": "application/x-www-form-urlencoded"},
+                   body, AKID, SECRET, REGION, "sts")
+    with socket.create_connection(("127.0.0.1", aws.port), timeout=10) as sock:
+        head = "".join("%s: %s\r\n" % kv for kv in headers.items())
+        head += "Authorization: %s\r\n" % headers["Authorization"]  # the same, twice
+        sock.sendall(("POST / HTTP/1.1\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n"
+                      % (head, len(body))).encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"<Code>IncompleteSignature</Code>" in answer
 
 
 def test_slightly_skewed_clock_is_accepted(aws):
@@ -931,3 +948,170 @@ def test_reset_and_state(aws):
     aws.control("POST", "reset")
     assert aws.control("GET", "state")["accounts"] == {}
     assert aws.calls() == []
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP framing (the fake's own HTTP/1.1 server)
+# ---------------------------------------------------------------------------------------
+
+
+def signed_request(aws, service, params, headers=None, chunks=None):
+    """Raw bytes of a signed query-protocol POST; chunks = how to split a chunked body."""
+    body = urllib.parse.urlencode(params).encode()
+    signed = sign("POST", "127.0.0.1:%d" % aws.port, "/", "",
+                  dict({"Content-Type": "application/x-www-form-urlencoded"}, **(headers or {})),
+                  body, AKID, SECRET, REGION, service)
+    if chunks is None:
+        signed["Content-Length"] = str(len(body))
+        framed = body
+    else:
+        signed["Transfer-Encoding"] = "chunked"
+        framed, at = b"", 0
+        for i, size in enumerate(chunks):
+            part = body[at:at + size]
+            at += size
+            framed += b"%x%s\r\n%s\r\n" % (len(part), b";ext=1" if i == 0 else b"", part)
+        framed += b"%x\r\n%s\r\n0\r\nX-Trailer: yes\r\n\r\n" % (len(body) - at, body[at:])
+    head = "POST / HTTP/1.1\r\n" + "".join("%s: %s\r\n" % kv for kv in signed.items()) + "\r\n"
+    return head.encode(), framed
+
+
+def read_response(f):
+    """(status, headers with lower-case names, body) of one response from a socket file."""
+    status = int(f.readline().split()[1])
+    headers = {}
+    while True:
+        line = f.readline().decode()
+        if line in ("\r\n", ""):
+            break
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, f.read(int(headers.get("content-length", 0)))
+
+
+def connect(aws):
+    s = socket.create_connection(("127.0.0.1", aws.port), timeout=5)
+    return s, s.makefile("rb")
+
+
+def test_chunked_request_bodies(aws):
+    s, f = connect(aws)
+    for chunks in ([5, 7], [1], []):
+        head, body = signed_request(aws, "ec2", EC2_Q, chunks=chunks)
+        s.sendall(head + body)
+        status, headers, out = read_response(f)
+        assert status == 200 and b"<regionInfo>" in out, out
+    s.close()
+    assert [c["signature_verified"] for c in aws.calls()] == [True] * 3
+
+
+def test_expect_100_continue(aws):
+    s, f = connect(aws)
+    head, body = signed_request(aws, "sts", STS_Q, headers={"Expect": "100-continue"})
+    s.sendall(head)
+    assert f.readline() == b"HTTP/1.1 100 Continue\r\n" and f.readline() == b"\r\n"
+    s.sendall(body)
+    status, _, out = read_response(f)
+    assert status == 200 and b"<Account>%s</Account>" % ACCT.encode() in out
+    s.close()
+
+
+def test_pipelined_requests_are_answered_in_order(aws):
+    aws.faults({"type": "latency", "ms": 300, "service": "ec2"})
+    s, f = connect(aws)
+    batch = b""
+    for params, service in ((EC2_Q, "ec2"), (STS_Q, "sts"), (EC2_Q, "ec2"), (STS_Q, "sts")):
+        head, body = signed_request(aws, service, params)
+        batch += head + body
+    t0 = time.monotonic()
+    s.sendall(batch)  # the slow EC2 calls must not be overtaken by the quick STS ones
+    answers = [read_response(f) for _ in range(4)]
+    assert time.monotonic() - t0 >= 0.6  # one at a time: the two latencies add up
+    assert [a[0] for a in answers] == [200] * 4
+    assert [b"DescribeRegionsResponse" in a[2] for a in answers] == [True, False, True, False]
+    assert [c["action"] for c in aws.calls()] == ["DescribeRegions", "GetCallerIdentity"] * 2
+    s.close()
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/x\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n folded: line\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", 400),
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"PATCH / HTTP/1.1\r\n\r\n", 501),
+])
+def test_malformed_requests_are_refused_and_closed(aws, request_bytes, status):
+    s, f = connect(aws)
+    s.sendall(request_bytes)
+    got, headers, _ = read_response(f)
+    assert (got, headers.get("connection")) == (status, "close")
+    assert f.read() == b""  # and the connection closes
+    s.close()
+    assert aws.calls() == []
+
+
+def test_http10_and_connection_close_end_the_connection(aws):
+    for version, extra in (("HTTP/1.0", {}), ("HTTP/1.1", {"Connection": "close"})):
+        s, f = connect(aws)
+        head, body = signed_request(aws, "sts", STS_Q, headers=extra)
+        s.sendall(head.replace(b"HTTP/1.1", version.encode(), 1) + body)
+        status, headers, _ = read_response(f)
+        assert (status, headers.get("connection")) == (200, "close")
+        assert f.read() == b""
+        s.close()
+
+
+def test_latency_runs_concurrently_on_many_connections(aws):
+    aws.faults({"type": "latency", "ms": 500})
+    n = 120
+    conns = [connect(aws) for _ in range(n)]
+    requests = [b"".join(signed_request(aws, "sts", STS_Q)) for _ in range(n)]
+    t0 = time.monotonic()
+    for (s, _), req in zip(conns, requests):
+        s.sendall(req)
+    statuses = [read_response(f)[0] for _, f in conns]
+    elapsed = time.monotonic() - t0
+    assert statuses == [200] * n
+    assert 0.5 <= elapsed < 2.5, elapsed  # not n x 0.5 s: the waits overlap
+    assert aws.control("GET", "stats")["max_in_flight"] > n // 2
+    for s, _ in conns:
+        s.close()
+
+
+def test_hang_is_released_by_a_new_fault_set(aws):
+    aws.faults({"type": "hang", "ms": 60000})
+    s, f = connect(aws)
+    s.sendall(b"".join(signed_request(aws, "sts", STS_Q)))
+    time.sleep(0.3)
+    assert aws.control("GET", "stats")["in_flight"] == 1
+    t0 = time.monotonic()
+    aws.faults({"type": "latency", "ms": 1}, append=True)  # appending keeps it held
+    time.sleep(0.2)
+    assert aws.control("GET", "stats")["in_flight"] == 1
+    aws.faults()  # replacing the rules releases it: an RST, no answer
+    with pytest.raises(ConnectionResetError):
+        read_response(f)
+    assert time.monotonic() - t0 < 2
+    s.close()
+    assert aws.control("GET", "stats")["in_flight"] == 0
+    assert [(c["fault"], c["status"]) for c in aws.calls()] == [("hang", 0)]
+
+
+def test_dropping_faults_over_tls_leave_the_client_a_fresh_connection(aws):
+    client = aws.client("sts", https=True)
+    for fault, error in (("reset", botocore.exceptions.ConnectionClosedError),
+                         ("truncated", botocore.parsers.ResponseParserError),
+                         ("malformed", botocore.parsers.ResponseParserError)):
+        aws.faults({"type": fault, "count": 1})
+        with pytest.raises(error):
+            client.get_caller_identity()
+        assert client.get_caller_identity()["Account"] == ACCT  # the pool saw it closed
+    assert [(c["fault"], c["tls"]) for c in aws.calls()] == [
+        ("reset", True), (None, True), ("truncated", True), (None, True),
+        ("malformed", True), (None, True)]
