@@ -59,13 +59,17 @@ for _ in $(seq 100); do
 	sleep 0.2
 done
 
-# CPU seconds (user + system) of a process and its children.
-tree_cpu() {
-	local hz pids
-	hz=$(getconf CLK_TCK)
-	pids="$1 $(pgrep -P "$1" | tr '\n' ' ')"
-	for p in $pids; do cat "/proc/$p/stat" 2>/dev/null; done |
-		awk -v hz="$hz" '{ sub(/^.*\) /, ""); t += $12 + $13 } END { printf "%.1f", t / hz }'
+# "pid ticks" (user + system) of a process and its children; cpu_delta sums what the
+# processes alive at the second snapshot spent since the first (pools open and close
+# connections: a new one counts whole, one that closed meanwhile is left out).
+tree_ticks() {
+	for p in "$1" $(pgrep -P "$1"); do
+		awk -v p="$p" '{ sub(/^.*\) /, ""); print p, $12 + $13 }' "/proc/$p/stat" 2>/dev/null
+	done
+}
+cpu_delta() {
+	awk -v hz="$(getconf CLK_TCK)" 'NR == FNR { t0[$1] = $2; next }
+		{ d += $2 - t0[$1] } END { printf "%.1f", d / hz }' "$1" "$2"
 }
 pg_pid=$(head -1 "$var/pg/data/postmaster.pid")
 
@@ -76,9 +80,9 @@ for c in 64 256; do
 		curl -skf -H "Authorization: Bearer $token" "$2" >/dev/null ||
 			{ echo "$1 does not answer GET /api/v1/me" >&2; exit 1; }
 		srv=$(cat "$tmp/$([ "$1" = cloudsweepd ] && echo cs || echo node).pid")
-		s0=$(tree_cpu "$srv") d0=$(tree_cpu "$pg_pid")
+		tree_ticks "$srv" >"$tmp/s0" && tree_ticks "$pg_pid" >"$tmp/d0"
 		wrk -t2 -c"$c" -d"${secs}s" --latency -H "Authorization: Bearer $token" "$2" >"$tmp/$1.out"
-		s1=$(tree_cpu "$srv") d1=$(tree_cpu "$pg_pid")
+		tree_ticks "$srv" >"$tmp/s1" && tree_ticks "$pg_pid" >"$tmp/d1"
 		[ -n "${BENCH_KEEP:-}" ] && cp "$tmp/$1.out" "$BENCH_KEEP.$1.$c"
 		rps=$(awk '/Requests\/sec/ {print $2}' "$tmp/$1.out")
 		p50=$(awk '/^ +50%/ {print $2}' "$tmp/$1.out")
@@ -86,7 +90,6 @@ for c in 64 256; do
 		errs=$(awk '/Non-2xx/ {print $NF}' "$tmp/$1.out")
 		printf '%-12s workers=%s conns=%-4s %10s req/s  p50 %-8s p99 %-8s non-2xx %s  CPU s: server %s, postgres %s\n' \
 			"$1" "$workers" "$c" "$rps" "$p50" "$p99" "${errs:-0}" \
-			"$(awk -v a="$s0" -v b="$s1" 'BEGIN { printf "%.1f", b - a }')" \
-			"$(awk -v a="$d0" -v b="$d1" 'BEGIN { printf "%.1f", b - a }')"
+			"$(cpu_delta "$tmp/s0" "$tmp/s1")" "$(cpu_delta "$tmp/d0" "$tmp/d1")"
 	done
 done

@@ -722,8 +722,12 @@ static void db_tx_pump(struct db_tx *tx)
 	}
 }
 
-/* The least-loaded READY, unpinned connection with room, or NULL. */
-static struct db_conn *db_pool_pick(struct db_pool *pool)
+/*
+ * A READY, unpinned connection with room for q, or NULL: for a batched read
+ * one whose batch is open (the bigger the batch, the less the server pays
+ * per query), else the least loaded.
+ */
+static struct db_conn *db_pool_pick(struct db_pool *pool, const struct db_query *q)
 {
 	struct db_conn *best = NULL;
 
@@ -732,6 +736,8 @@ static struct db_conn *db_pool_pick(struct db_pool *pool)
 
 		if (c->state != DB_CONN_READY || c->tx != NULL || c->ninflight >= DB_MAX_INFLIGHT)
 			continue;
+		if (q->batch && c->unsynced > 0)
+			return c;
 		if (best == NULL || c->ninflight < best->ninflight)
 			best = c;
 	}
@@ -744,7 +750,7 @@ static void db_pool_dispatch(struct db_pool *pool)
 	struct db_conn *c;
 
 	while (!pool->dying && (q = TAILQ_FIRST(&pool->waiting)) != NULL) {
-		if ((c = db_pool_pick(pool)) == NULL)
+		if ((c = db_pool_pick(pool, q)) == NULL)
 			break;
 		TAILQ_REMOVE(&pool->waiting, q, entry);
 		pool->nwaiting--;
@@ -1327,7 +1333,7 @@ static struct db_query *db_submit(struct db_pool *pool, enum db_qkind kind, cons
 				q->batch = pool->stmts[i].read_only;
 				break;
 			}
-	c = TAILQ_EMPTY(&pool->waiting) ? db_pool_pick(pool) : NULL;
+	c = TAILQ_EMPTY(&pool->waiting) ? db_pool_pick(pool, q) : NULL;
 	if (c != NULL) {
 		db_conn_send(c, q);
 	} else {
@@ -1406,7 +1412,7 @@ struct db_tx *db_tx_begin(struct db_pool *pool, db_cb cb, void *arg)
 	q->tx = tx;
 	db_tx_ref(tx);
 	tx->begin = q;
-	c = TAILQ_EMPTY(&pool->waiting) ? db_pool_pick(pool) : NULL;
+	c = TAILQ_EMPTY(&pool->waiting) ? db_pool_pick(pool, q) : NULL;
 	if (c != NULL) {
 		db_conn_send(c, q);
 	} else {

@@ -416,6 +416,24 @@ static void test_batch(struct db_pool *pool)
 	ok(r[1].calls == 0 && r[3].calls == 0, "cancelled batched reads never call back");
 }
 
+/* With several connections, the reads of one pass still gather on one open batch. */
+static void test_batch_affinity(struct db_pool *pool)
+{
+	struct res r[6];
+	bool same = true;
+
+	is_int(db_pool_prepare_read(pool, "rd_ts2", "SELECT transaction_timestamp()::text", 0), 0,
+	       "read-only statement registered on a two-connection pool");
+	run_ms(50);
+	memset(r, 0, sizeof(r));
+	for (int i = 0; i < 6; i++)
+		db_query_prepared(pool, "rd_ts2", 0, NULL, res_cb, &r[i]);
+	for (int i = 0; i < 6; i++)
+		same = same && wait_int(&r[i].calls, 1, 3000) && r[i].ev == DB_OK &&
+		       strcmp(r[i].val, r[0].val) == 0;
+	ok(same, "six reads of one pass on two connections share one batch");
+}
+
 #define NPIPE 200
 
 static void test_pipeline(struct db_pool *pool)
@@ -1003,6 +1021,7 @@ int main(void)
 	test_pipeline_error(p1);
 	test_prepare_late(p1);
 	test_batch(p1);
+	test_batch_affinity(pool);
 	test_tx(pool);
 	test_cancel(p1);
 	test_notify(pool);
