@@ -17,8 +17,8 @@
  * and prints it again.
  *
  * The latency bound is C / L: 256 / 0.05 s = 5,120 calls/s. The fake is a
- * threaded Python server that verifies every signature with botocore, so
- * it is usually the bottleneck; its own CPU time is printed too.
+ * Python server that verifies every signature with botocore, so over TLS
+ * it can still be the bottleneck; its own CPU time is printed too.
  */
 #include "config.h"
 
