@@ -7,6 +7,8 @@
 # and database. Prints requests/s and latency percentiles of each.
 #
 # usage: [CS_BINARY=build-rel/cloudsweepd] contrib/bench/me.sh [workers] [seconds]
+# BENCH_THINK_MS=N: each connection waits N ms between requests (contrib/bench/think.lua),
+# to read latency at a bounded load rather than at saturation.
 # Needs: `contrib/cloudsweep-dev up` run once (build, private Postgres, dev
 # secrets, the first owner account; Postgres keeps running after `up` ends),
 # wrk and nodejs/npm (Debian), and the npm registry for the Fastify side
@@ -17,6 +19,7 @@ workers=${1:-2}
 secs=${2:-15}
 pool=4
 tmp=$(mktemp -d)
+export THINK_MS=${BENCH_THINK_MS:-20}
 trap 'kill $(cat "$tmp"/*.pid 2>/dev/null) 2>/dev/null || true; sleep 0.5; rm -rf "$tmp"' EXIT
 ulimit -n 65536 2>/dev/null || true
 
@@ -81,7 +84,8 @@ for c in 64 256; do
 			{ echo "$1 does not answer GET /api/v1/me" >&2; exit 1; }
 		srv=$(cat "$tmp/$([ "$1" = cloudsweepd ] && echo cs || echo node).pid")
 		tree_ticks "$srv" >"$tmp/s0" && tree_ticks "$pg_pid" >"$tmp/d0"
-		wrk -t2 -c"$c" -d"${secs}s" --latency -H "Authorization: Bearer $token" "$2" >"$tmp/$1.out"
+		wrk -t2 -c"$c" -d"${secs}s" --latency ${BENCH_THINK_MS:+-s "$top/contrib/bench/think.lua"} \
+			-H "Authorization: Bearer $token" "$2" >"$tmp/$1.out"
 		tree_ticks "$srv" >"$tmp/s1" && tree_ticks "$pg_pid" >"$tmp/d1"
 		[ -n "${BENCH_KEEP:-}" ] && cp "$tmp/$1.out" "$BENCH_KEEP.$1.$c"
 		rps=$(awk '/Requests\/sec/ {print $2}' "$tmp/$1.out")
