@@ -65,6 +65,7 @@ enum db_qkind {
 	DB_Q_BEGIN,    /* BEGIN of a transaction; pins the connection it is sent on */
 	DB_Q_COMMIT,   /* COMMIT of a transaction; unpins when it completes */
 	DB_Q_ROLLBACK, /* internal: ROLLBACK, no callback; unpins when it completes */
+	DB_Q_SYNC,     /* internal: a batch's Sync sent after its queries had all answered */
 };
 
 enum db_qwhere {
@@ -299,7 +300,7 @@ static struct db_query *db_query_new(struct db_pool *pool, enum db_qkind kind, c
 		}
 		q->nparams = nparams;
 	}
-	if (pool->timeout_tv != NULL && kind != DB_Q_PREPARE) {
+	if (pool->timeout_tv != NULL && kind != DB_Q_PREPARE && kind != DB_Q_SYNC) {
 		q->ev_timeout = event_new(pool->base, -1, 0, db_query_timeout_cb, q);
 		if (q->ev_timeout == NULL || event_add(q->ev_timeout, pool->timeout_tv) != 0)
 			fatalx("db_event_failed", "cannot arm a query deadline");
@@ -367,6 +368,7 @@ static void db_query_done(struct db_query *q, enum db_event ev, const PGresult *
 			          db_trim(buf, sizeof(buf), PQresultErrorMessage(res)));
 		break;
 	case DB_Q_ROLLBACK:
+	case DB_Q_SYNC:
 		break;
 	case DB_Q_BEGIN:
 		tx->begin = NULL;
@@ -620,10 +622,25 @@ static void db_conn_send_prepares(struct db_conn *c)
  */
 static bool db_conn_sync(struct db_conn *c)
 {
+	struct db_query *q;
+
 	if (c->unsynced == 0)
 		return true;
 	c->unsynced = 0;
-	TAILQ_LAST(&c->inflight, db_qlist)->synced = true;
+	q = TAILQ_LAST(&c->inflight, db_qlist);
+	if (q == NULL) {
+		/*
+		 * The batch has answered already (a big one: libpq and the server
+		 * flushed along the way); its implicit transaction still needs the
+		 * Sync, and the Sync's answer needs a place in the FIFO.
+		 */
+		q = db_query_new(c->pool, DB_Q_SYNC, "Sync", 0, NULL, NULL, NULL);
+		q->conn = c;
+		q->where = DB_QW_INFLIGHT;
+		TAILQ_INSERT_TAIL(&c->inflight, q, entry);
+		c->ninflight++;
+	}
+	q->synced = true;
 	if (c->state != DB_CONN_READY)
 		return false;
 	if (PQpipelineSync(c->pg) != 1) {
@@ -681,6 +698,7 @@ static void db_conn_send(struct db_conn *c, struct db_query *q)
 		case DB_Q_BEGIN:
 		case DB_Q_COMMIT:
 		case DB_Q_ROLLBACK:
+		case DB_Q_SYNC: /* never sent this way (db_conn_sync) */
 			r = PQsendQueryParams(c->pg, q->text, q->nparams, NULL, params, NULL, NULL,
 			                      0);
 			break;
