@@ -15,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <openssl/rand.h>
 
@@ -28,6 +30,7 @@
 #define PASSWORD_HASH_B64LEN 43      /* unpadded base64 of PASSWORD_HASH_LEN bytes */
 #define PASSWORD_DUMMY_LEN   32      /* random bytes hashed for the dummy */
 #define PASSWORD_ERR_RAND    (-1000) /* our own error code beside libargon2's: no salt */
+#define PASSWORD_NICE        10      /* hashing threads yield the cores to the reactors */
 
 const struct password_params password_params_default = {
 	.m_kib = PASSWORD_M_DEFAULT,
@@ -342,12 +345,25 @@ static void password_job_free(struct password_job *j)
 	free(j);
 }
 
-/* Pool thread: run argon2 and wipe the password copy at once. */
+/*
+ * Pool thread: run argon2 and wipe the password copy at once. The thread
+ * first lowers its own priority (Linux nices threads one by one), so that
+ * while logins hash on every core the reactors still answer everyone else
+ * promptly; with idle cores the hashing runs as fast as before.
+ */
 static void password_work_cb(void *arg)
 {
+	static __thread bool niced;
 	struct password_job *j = arg;
 	char *out;
 	int err;
+
+	if (!niced) {
+		niced = true;
+		if (setpriority(PRIO_PROCESS, (id_t)gettid(), PASSWORD_NICE) == -1)
+			log_debug("password_nice",
+			          "setpriority failed; hashing at normal priority");
+	}
 
 	switch (j->kind) {
 	case PASSWORD_JOB_HASH:
