@@ -10,11 +10,15 @@
 #include "config.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <event2/event.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cloudsweep/authcrypto.h"
 #include "cloudsweep/log.h"
@@ -330,6 +334,39 @@ static void block_done(void *arg)
 {
 }
 
+/* How many of this process's threads run at nice n (/proc/self/task/<tid>/stat, field 19). */
+static int threads_at_nice(int n)
+{
+	DIR *d = opendir("/proc/self/task");
+	struct dirent *e;
+	int count = 0;
+
+	while (d != NULL && (e = readdir(d)) != NULL) {
+		char path[288], buf[1024], *p;
+		FILE *f;
+		int nice;
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/proc/self/task/%s/stat", e->d_name);
+		if ((f = fopen(path, "r")) == NULL)
+			continue;
+		p = fgets(buf, sizeof(buf), f) != NULL ? strrchr(buf, ')') : NULL;
+		fclose(f);
+		/* After ")": state, then fields 4..18, then nice (field 19). */
+		if (p != NULL &&
+		    sscanf(p + 2,
+		           "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u "
+		           "%*d %*d %*d %d",
+		           &nice) == 1 &&
+		    nice == n)
+			count++;
+	}
+	if (d != NULL)
+		closedir(d);
+	return count;
+}
+
 static void test_password_async(void)
 {
 	char pw[] = "asynchronous password";
@@ -346,6 +383,8 @@ static void test_password_async(void)
 	run();
 	ok(ncalls == 1 && last_phc != NULL && password_verify(last_phc, pw, strlen(pw)) == 0,
 	   "async hash verifies");
+	ok(getpriority(PRIO_PROCESS, 0) == 0 && threads_at_nice(10) == 1,
+	   "the hashing thread runs at nice 10, the reactor at 0");
 	ok(password_verify_start(tp, last_phc, pw, strlen(pw), verify_cb, NULL) != NULL,
 	   "verify queued");
 	run();
